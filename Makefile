@@ -1,0 +1,48 @@
+# Two commands do everything: `make demo` and `make test`. Each sets up .venv itself.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# nnU-Net starts 8 worker processes by default; this machine class has 2 cores.
+export nnUNet_def_n_proc ?= 2
+export nnUNet_n_proc_DA ?= 1
+export OMP_NUM_THREADS ?= 2
+export PYTHONHASHSEED ?= 0
+export MPLBACKEND ?= Agg
+
+.PHONY: install demo test check-clean nbtest pytest clean
+
+install: $(STAMP)
+
+# torch and torchvision must be resolved together (nnunetv2 -> timm imports torchvision).
+$(STAMP): settings.ini setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -c "import torch, torchvision, monai, nnunetv2, amalgam; print('installed: torch', torch.__version__, 'torchvision', torchvision.__version__, 'monai', monai.__version__)"
+	touch $@
+
+demo: install
+	$(BIN)/python -m amalgam.cli demo
+
+test: install check-clean nbtest pytest
+
+# The notebooks are the source of truth: exporting or cleaning them must change nothing.
+check-clean:
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
+	if [ -n "$$(git status --porcelain -- nbs amalgam)" ]; then \
+	  echo "nbdev_clean/nbdev_export changed these files; run them and commit the result:"; \
+	  git status --porcelain -- nbs amalgam; git --no-pager diff --stat -- nbs amalgam; exit 1; fi
+
+nbtest:
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest:
+	$(BIN)/python -m pytest tests -q -rs --durations=15
+
+clean:
+	rm -rf $(VENV) workspace reports/*/
