@@ -18,4 +18,12 @@ d = { 'settings': { 'branch': 'main',
                                 'amalgam.config.seed_everything': ('config.html#seed_everything', 'amalgam/config.py'),
                                 'amalgam.config.sha256_file': ('config.html#sha256_file', 'amalgam/config.py'),
                                 'amalgam.config.workspace': ('config.html#workspace', 'amalgam/config.py'),
-                                'amalgam.config.write_json': ('config.html#write_json', 'amalgam/config.py')}}}
+                                'amalgam.config.write_json': ('config.html#write_json', 'amalgam/config.py')},
+            'amalgam.reports': { 'amalgam.reports._headline': ('reports.html#_headline', 'amalgam/reports.py'),
+                                 'amalgam.reports.check_offline': ('reports.html#check_offline', 'amalgam/reports.py'),
+                                 'amalgam.reports.load_params': ('reports.html#load_params', 'amalgam/reports.py'),
+                                 'amalgam.reports.render_html': ('reports.html#render_html', 'amalgam/reports.py'),
+                                 'amalgam.reports.render_index': ('reports.html#render_index', 'amalgam/reports.py'),
+                                 'amalgam.reports.resolve_manifests': ('reports.html#resolve_manifests', 'amalgam/reports.py'),
+                                 'amalgam.reports.run_notebook': ('reports.html#run_notebook', 'amalgam/reports.py'),
+                                 'amalgam.reports.setup_plotly': ('reports.html#setup_plotly', 'amalgam/reports.py')}}}
