@@ -1,0 +1,195 @@
+"""amalgam.experts against the real nnU-Net: train one smoke expert once (module fixture), load it from its folder and
+from nnU-Net's own zip export, check feature shapes, agreement with nnUNetv2_predict, and every bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from amalgam.config import AmalgamError
+from amalgam.experts import (SMOKE_TRAINER, Expert, ExpertBank, FeatureSpec, NnUNetPaths, read_image, save_model_folder,
+                             tiny_test_expert, train_expert, training_summary)
+
+LABELS = {"background": 0, "sphere": 1, "ball": 2}
+CONFIG = "2d"  # 2D trains ~3x faster on CPU; 3D experts are covered with tiny experts and by nbs/03_experts
+
+
+def make_raw_dataset(raw: Path, dataset_id: int = 990, n_train: int = 8, n_test: int = 2, shape=(32, 32, 32), bad_label: bool = False) -> Path:
+    "A tiny CT-like nnU-Net raw dataset: two spheres of different intensity in noise; anisotropic spacing so nnU-Net transposes axes."
+    d = raw / f"Dataset{dataset_id:03d}_TinyBlobs"
+    g = np.random.default_rng(dataset_id)
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    affine = np.diag([1.0, 1.0, 1.5, 1.0])
+    for i in range(n_train + n_test):
+        split = "Tr" if i < n_train else "Ts"
+        (d / f"images{split}").mkdir(parents=True, exist_ok=True); (d / f"labels{split}").mkdir(parents=True, exist_ok=True)
+        lab = np.zeros(shape, np.uint8)
+        for r, v in ((7, 1), (5, 2)):
+            c = g.integers(r + 2, np.array(shape) - r - 2)
+            lab[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r] = v
+        if bad_label and i == 0: lab[0, 0, 0] = 7
+        img = g.normal(0, 20, shape) + np.array([-100.0, 60.0, 200.0])[lab.clip(0, 2)]
+        nib.save(nib.Nifti1Image(img.astype(np.float32), affine), d / f"images{split}" / f"case_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), d / f"labels{split}" / f"case_{i:03d}.nii.gz")
+    (d / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": n_train,
+                                                "file_ending": ".nii.gz", "amalgam_task": "tiny_blobs"}))
+    return d
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    raw = make_raw_dataset(ws / "my_raw")
+    t0 = time.time()
+    model = train_expert(raw, configuration=CONFIG, trainer=SMOKE_TRAINER, device="cpu", workspace_dir=ws)
+    return {"ws": ws, "raw": raw, "model": model, "seconds": time.time() - t0}
+
+
+def test_training_writes_nnunet_results(trained):
+    model, ws = trained["model"], trained["ws"]
+    assert model == ws / "nnUNet_results" / "Dataset990_TinyBlobs" / f"{SMOKE_TRAINER}__nnUNetPlans__{CONFIG}"
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json", "fold_0/checkpoint_final.pth", "fold_0/validation/summary.json"):
+        assert (model / f).is_file(), f
+    staging = [p for d in ("preprocessed", "results") for p in (ws / f"nnUNet_{d}").iterdir() if p.name.startswith(".")]
+    assert staging == []
+    s = training_summary(model)
+    assert set(s["dice"]) == {"sphere", "ball"} and all(0 <= v <= 1 for v in s["dice"].values())
+    assert len(s["curves"]["train_losses"]) == 2 and len(s["curves"]["epoch_seconds"]) == 2
+    print(f"smoke training (plan, preprocess, train, validate): {trained['seconds']:.0f} s")
+
+
+def test_training_again_reuses_the_model(trained):
+    ckpt = trained["model"] / "fold_0" / "checkpoint_final.pth"
+    before = ckpt.stat().st_mtime_ns
+    t0 = time.time()
+    assert train_expert(trained["raw"], configuration=CONFIG, workspace_dir=trained["ws"]) == trained["model"]
+    assert time.time() - t0 < 10 and ckpt.stat().st_mtime_ns == before
+
+
+def test_load_from_folder_and_from_nnunet_zip(trained, tmp_path):
+    model = trained["model"]
+    expert = Expert.from_folder(model, labels=LABELS)
+    assert (expert.task, expert.labels, expert.spatial_dims, expert.in_channels, expert.num_classes) == ("tiny_blobs", LABELS, 2, 1, 3)
+    assert not expert.network.training and not any(p.requires_grad for p in expert.network.parameters())
+    zip_path = tmp_path / "expert.zip"
+    paths = NnUNetPaths.under(trained["ws"])
+    cli = Path(sys.executable).parent / "nnUNetv2_export_model_to_zip"
+    subprocess.run([str(cli), "-d", "990", "-o", str(zip_path), "-c", CONFIG, "-tr", SMOKE_TRAINER, "-f", "0"],
+                   env=paths.env(), check=True, capture_output=True)
+    zipped = Expert.from_zip(zip_path, extract_to=tmp_path / "unzipped", name="from_zip")
+    x = torch.randn(1, 1, *expert.patch_size) * 100
+    assert torch.equal(zipped.predict(x), expert.predict(x))
+    assert zipped.name == "from_zip" and zipped.source.name == model.name
+
+
+def test_feature_shapes_and_strides(trained):
+    expert = Expert.from_folder(trained["model"])
+    arch = expert.configuration_manager.network_arch_init_kwargs
+    assert [s.channels for s in expert.feature_specs] == list(arch["features_per_stage"])
+    assert expert.feature_specs[0].stride == (1, 1)
+    assert all(b.stride[i] in (a.stride[i], 2 * a.stride[i]) for a, b in zip(expert.feature_specs, expert.feature_specs[1:]) for i in range(2))
+    x = torch.randn(2, 1, 32, 40) * 100
+    feats = expert.features(x)
+    for f, spec in zip(feats, expert.feature_specs, strict=True):
+        assert tuple(f.shape) == (2, spec.channels, *[-(-n // s) for n, s in zip(x.shape[2:], spec.stride)])
+    assert torch.equal(expert.features(expert.normalize(x), normalized=True)[-1], feats[-1])
+
+
+def test_expert_agrees_with_nnunet_predictor(trained, tmp_path, monkeypatch):
+    "nnU-Net's own nnUNetPredictor and Expert.segment_image give the same masks on held-out cases (Dice >= 0.99)."
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    raw, paths = trained["raw"], NnUNetPaths.under(trained["ws"])
+    monkeypatch.setenv("nnUNet_extTrainer", str(paths.trainers))  # how nnU-Net finds the smoke trainer named in the checkpoint
+    cases = sorted(raw.joinpath("imagesTs").glob("*_0000.nii.gz"))
+    assert len(cases) == 2
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained["model"]), use_folds=(0,))
+    out = tmp_path / "pred"
+    out.mkdir()
+    predictor.predict_from_files_sequential([[str(c)] for c in cases], str(out), save_probabilities=False, overwrite=True)
+    expert = Expert.from_folder(trained["model"])
+    for image_file in cases:
+        cid = image_file.name.replace("_0000.nii.gz", "")
+        theirs = np.asarray(nib.load(out / f"{cid}.nii.gz").dataobj)
+        ours = expert.segment_image(*read_image(expert, [image_file]))
+        ours = ours.transpose(2, 1, 0)  # nnU-Net's SimpleITK reader gives z, y, x; nibabel x, y, z
+        assert ours.shape == theirs.shape
+        assert (theirs > 0).any()  # agreement on an empty prediction would prove nothing
+        for v in (1, 2):
+            if (theirs == v).any() or (ours == v).any(): assert dice(ours == v, theirs == v) >= 0.99, (cid, v)
+
+
+def test_bank_of_trained_and_tiny_experts(trained):
+    bank = ExpertBank([Expert.from_folder(trained["model"], name="blobs"), tiny_test_expert(spatial_dims=2, name="tiny")])
+    out = bank.features(torch.randn(1, 1, 32, 32))
+    assert list(out) == ["blobs", "tiny"] and not any(f.is_inference() or f.requires_grad for fs in out.values() for f in fs)
+    assert bank.describe()[0]["task"] == "tiny_blobs" and bank.describe()[0]["labels"] == LABELS
+    assert bank.feature_specs["tiny"][-1] == FeatureSpec(32, (4, 4))
+
+
+# ---- bad input: a clear AmalgamError naming the model folder and the problem, nothing half-written ----
+
+def test_missing_folder_fold_and_checkpoint(trained, tmp_path):
+    model = trained["model"]
+    with pytest.raises(AmalgamError, match="model folder not found"): Expert.from_folder(tmp_path / "nope")
+    with pytest.raises(AmalgamError, match=r"no fold 4 .*available: \['fold_0'\]"): Expert.from_folder(model, fold=4)
+    with pytest.raises(AmalgamError, match="no checkpoint_latest.pth"): Expert.from_folder(model, checkpoint="checkpoint_latest.pth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AmalgamError, match=r"empty: not an nnU-Net model folder \(no plans.json\)"): Expert.from_folder(tmp_path / "empty")
+    with pytest.raises(AmalgamError, match="model zip not found"): Expert.from_zip(tmp_path / "x.zip")
+    (tmp_path / "x.zip").write_text("not a zip")
+    with pytest.raises(AmalgamError, match="not a zip file"): Expert.from_zip(tmp_path / "x.zip")
+
+
+def test_checkpoint_plans_mismatch(trained, tmp_path):
+    bad = tmp_path / "Dataset990_TinyBlobs" / trained["model"].name
+    shutil.copytree(trained["model"], bad)
+    plans = json.loads((bad / "plans.json").read_text())
+    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["features_per_stage"][0] = 16
+    (bad / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(AmalgamError, match=f"{bad.name}: checkpoint / plans mismatch"): Expert.from_folder(bad)
+    del plans["configurations"][CONFIG]
+    (bad / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(AmalgamError, match=f"plans.json has no configuration '{CONFIG}'"): Expert.from_folder(bad)
+
+
+def test_wrong_channels_labels_and_dimensionality(trained):
+    expert = Expert.from_folder(trained["model"])
+    with pytest.raises(AmalgamError, match=r"expects 1 channel\(s\).*got 2"): expert.features(torch.zeros(1, 2, 32, 32))
+    with pytest.raises(AmalgamError, match=f"{trained['model'].name}: the expert's labels .* differ"):
+        Expert.from_folder(trained["model"], labels={"background": 0, "liver": 1, "spleen": 2})
+    with pytest.raises(AmalgamError, match=f"{trained['model'].name}: a 2D expert .* for features"): expert.features(torch.zeros(1, 1, 32, 32, 32))
+    with pytest.raises(AmalgamError, match="a 3D expert"): tiny_test_expert(spatial_dims=3).features(torch.zeros(1, 1, 32, 32))
+
+
+def test_bad_dataset_leaves_nothing_half_written(tmp_path):
+    raw = make_raw_dataset(tmp_path / "raw", dataset_id=991, n_train=4, n_test=0, shape=(24, 24, 24), bad_label=True)
+    with pytest.raises(AmalgamError, match=r"planning/preprocessing of .*Dataset991_TinyBlobs failed"):
+        train_expert(raw, configuration=CONFIG, workspace_dir=tmp_path / "ws")
+    ws = tmp_path / "ws"
+    assert list((ws / "nnUNet_preprocessed").iterdir()) == [] and not (ws / "nnUNet_results").exists()
+    assert (ws / "logs" / "nnunet" / f"Dataset991_TinyBlobs__{CONFIG}__preprocess.log").is_file()
+
+
+def test_failed_training_leaves_no_results(trained):
+    with pytest.raises(AmalgamError, match="nnU-Net training of Dataset990_TinyBlobs"):
+        train_expert(trained["raw"], configuration=CONFIG, trainer="nnUNetTrainer_NoSuchTrainer", workspace_dir=trained["ws"])
+    results = trained["ws"] / "nnUNet_results" / "Dataset990_TinyBlobs"
+    assert sorted(p.name for p in results.iterdir()) == [trained["model"].name]
+    assert not [p for p in results.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_arguments():
+    with pytest.raises(AmalgamError, match="fold: expected a non-negative integer"): train_expert("x", fold=-1)
+    with pytest.raises(AmalgamError, match="nnU-Net raw dataset folder must be named"): train_expert(Path(__file__).parent)
