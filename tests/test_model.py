@@ -1,0 +1,247 @@
+"KA2ER wiring (amalgam.model): shapes, gradients, expert-order invariance, ablation switches, baseline, config, bad input."
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from amalgam.amalgamation import AmalgamationLayer
+from amalgam.config import AmalgamError
+from amalgam.experts import ExpertBank, tiny_test_expert
+from amalgam.model import KA2ER, KA2ERConfig, build_model, zscore
+from amalgam.prompts import Prompts
+
+TASKS = {"ct_abdomen": ["liver", "spleen"], "ct_lung": ["nodule"]}
+SHAPE = {2: (64, 96), 3: (32, 32, 64)}
+
+
+def config(spatial_dims=2, **kw):
+    return KA2ERConfig(spatial_dims=spatial_dims, feature_size=12, hidden_dim=32, num_heads=4, transformer_dim=32, iou_head_hidden_dim=32,
+                       tasks=TASKS, **kw)
+
+
+def bank(spatial_dims=2, order=("ct_abdomen", "ct_lung")):
+    experts = {"ct_abdomen": dict(num_classes=3, seed=0), "ct_lung": dict(num_classes=2, seed=1)}
+    return ExpertBank([tiny_test_expert(spatial_dims, name=n, **experts[n]) for n in order])
+
+
+def image(spatial_dims=2, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 300 * torch.randn(b, 1, *SHAPE[spatial_dims], generator=g) + 40
+
+
+def clicks(spatial_dims=2, b=2):
+    pts = torch.tensor([[[5.0] * spatial_dims, [s - 3.0 for s in SHAPE[spatial_dims]]]] * b)
+    return Prompts(points=pts, point_labels=torch.tensor([[1, 0]] * b))
+
+
+@pytest.fixture(scope="module")
+def model2d():
+    "A 2D model with two experts, in eval mode, shared by the tests that only run it."
+    return build_model(config(2), bank(2)).eval()
+
+
+def check_output(out, b, m, spatial):
+    assert out.masks.shape == (b, m, *spatial) and out.iou.shape == (b, m)
+    assert out.expert_names == ("ct_abdomen", "ct_lung", "foundation")
+    assert sorted(out.expert_weights) == [8, 16, 32]
+    for s, w in out.expert_weights.items():
+        assert w.shape == (b, 3, *(n // s for n in spatial))
+        torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]))
+
+
+@pytest.mark.parametrize("multimask,m", [(True, 3), (False, 1)])
+def test_shapes_2d(model2d, multimask, m):
+    with torch.no_grad(): check_output(model2d(image(2), clicks(2), multimask_output=multimask), 2, m, SHAPE[2])
+
+
+def test_shapes_3d():
+    model = build_model(config(3), bank(3)).eval()
+    with torch.no_grad():
+        check_output(model(image(3, b=1), clicks(3, b=1)), 1, 3, SHAPE[3])
+        check_output(model(image(3, b=1), task="ct_lung", multimask_output=False), 1, 1, SHAPE[3])
+
+
+def test_automatic_mode_and_class_conditioned_clicks(model2d):
+    x = image()
+    with torch.no_grad():
+        auto = model2d(x, task="ct_abdomen:spleen").masks
+        other = model2d(x, task=["ct_abdomen:liver", "ct_abdomen:liver"]).masks
+        one_class_task = model2d(x, task="ct_lung").masks
+        explicit = model2d(x, Prompts(classes=torch.tensor([2, 2]))).masks
+        conditioned = model2d(x, clicks(), task="ct_lung").masks
+    assert not torch.allclose(auto, other)
+    torch.testing.assert_close(one_class_task, explicit)
+    assert conditioned.shape == auto.shape and not torch.allclose(conditioned, one_class_task)
+
+
+def test_gradients_reach_trainable_parts_never_experts():
+    experts = bank(2)
+    model = build_model(config(2), experts)
+    out = model(image(2), clicks(2), task="ct_abdomen:liver")
+    (out.masks.square().mean() + out.iou.sum()).backward()
+    for part in ("foundation", "amalgamation", "prompt_encoder", "decoder"):
+        grads = [p.grad for p in getattr(model, part).parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), part
+    expert_params = [p for e in experts for p in e.network.parameters()]
+    assert expert_params and all(not p.requires_grad and p.grad is None for p in expert_params)
+    opt = torch.optim.AdamW(model.trainable_parameters())
+    ids = {id(p) for e in experts for p in e.network.parameters()}
+    assert not any(id(p) in ids for g in opt.param_groups for p in g["params"])
+    assert not any(id(p) in ids for p in model.parameters())
+    assert not any(k.startswith("experts") for k in model.state_dict())
+
+
+def test_expert_order_invariance():
+    x, p = image(), clicks()
+    a = build_model(config(), bank(order=("ct_abdomen", "ct_lung"))).eval()
+    b = build_model(config(), bank(order=("ct_lung", "ct_abdomen"))).eval()
+    with torch.no_grad(): oa, ob = a(x, p), b(x, p)
+    assert oa.expert_names == ob.expert_names
+    torch.testing.assert_close(oa.masks, ob.masks)
+    # the maths too, not only the sorted build: the same weights in an amalgamation layer that lists the experts the other way round
+    al = a.amalgamation
+    rev = AmalgamationLayer(a.foundation.channels, a.foundation.strides, {n: a.experts.feature_specs[n] for n in reversed(al.expert_names)},
+                            scales=al.scales, hidden_dim=32, num_heads=4, spatial_dims=2)
+    rev.load_state_dict(al.state_dict())
+    c = KA2ER(a.foundation, a.experts, rev, a.prompt_encoder, a.decoder, a.class_names).eval()
+    with torch.no_grad(): oc = c(x, p)
+    assert oc.expert_names == ("ct_lung", "ct_abdomen", "foundation")
+    torch.testing.assert_close(oc.masks, oa.masks, atol=1e-4, rtol=1e-4)
+    for s in oa.expert_weights:
+        torch.testing.assert_close(oc.expert_weights[s][:, [1, 0, 2]], oa.expert_weights[s], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("switch", ["use_self_attention", "use_cross_attention", "use_adaptive_weighting"])
+def test_each_ablation_switch_changes_the_output(switch):
+    experts, x, p = bank(), image(), clicks()
+    full = build_model(config(), experts).eval()
+    with torch.no_grad():  # move every amalgamation weight off its initial value, so no branch is an identity by initialisation
+        g = torch.Generator().manual_seed(1)
+        for t in full.amalgamation.parameters(): t.add_(0.2 * torch.randn(t.shape, generator=g))
+    ablated = build_model(config(**{switch: False}), experts).eval()
+    missing, _ = ablated.load_state_dict(full.state_dict(), strict=False)
+    assert missing == []  # the ablated model is the full one minus a branch
+    with torch.no_grad(): of, oa = full(x, p), ablated(x, p)
+    assert (of.masks - oa.masks).abs().max() > 1e-4
+    if switch == "use_adaptive_weighting":
+        torch.testing.assert_close(oa.expert_weights[8], torch.full_like(oa.expert_weights[8], 1 / 3))
+
+
+def test_baseline_same_decoder():
+    experts = bank()
+    full, base = build_model(config(), experts), build_model(config(), None)
+    assert base.experts is None and base.amalgamation is None
+    counts = base.parameter_counts()
+    assert counts["experts"] == counts["amalgamation"] == 0 and counts["decoder"] == full.parameter_counts()["decoder"]
+    assert base.decoder.state_dict().keys() == full.decoder.state_dict().keys()
+    out = base(image(), clicks())
+    assert out.masks.shape == (2, 3, *SHAPE[2]) and out.expert_weights == {} and out.expert_names == ()
+
+
+def test_parameter_counts():
+    experts = bank()
+    model = build_model(config(), experts)
+    c = model.parameter_counts()
+    assert c["trainable"] == c["foundation"] + c["amalgamation"] + c["prompt_encoder"] + c["decoder"] == sum(p.numel() for p in model.parameters())
+    assert c["experts"] == sum(p.numel() for e in experts for p in e.network.parameters()) > 0
+    assert all(v > 0 for v in c.values())
+
+
+def test_foundation_sees_z_scored_intensities():
+    "The baseline depends on intensities only through the per-image z-score, so a positive affine intensity change does not alter it."
+    model = build_model(config(), None).eval()
+    x = image()
+    with torch.no_grad(): a, b = model(x, clicks()).masks, model(3 * x - 1000, clicks()).masks
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    z = zscore(x)
+    torch.testing.assert_close(z.mean((2, 3)), torch.zeros(2, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std((2, 3), unbiased=False), torch.ones(2, 1), atol=1e-4, rtol=0)
+    assert torch.equal(zscore(torch.full((1, 1, 4, 4), 7.0)), torch.zeros(1, 1, 4, 4))
+
+
+def test_build_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model(config(seed=5), bank())
+    after = torch.rand(1)
+    assert torch.equal(before, after)
+    b, c = build_model(config(seed=5), bank()), build_model(config(seed=6), bank())
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = config(3, scales=(16, 32), use_cross_attention=False, seed=4)
+    path = cfg.save(tmp_path / "run" / "ka2er_config.json")
+    assert json.loads(path.read_text())["scales"] == [16, 32]
+    assert KA2ERConfig.load(path) == cfg
+    assert KA2ERConfig.from_dict(cfg.to_dict()) == cfg
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**cfg.to_dict(), "scale": [8]}))
+    with pytest.raises(AmalgamError, match=r"bad.json: KA2ERConfig: unknown key\(s\) 'scale' \(did you mean 'scales'\?\)"):
+        KA2ERConfig.load(bad)
+    with pytest.raises(AmalgamError, match="config file not found"):
+        KA2ERConfig.load(tmp_path / "missing.json")
+
+
+def test_pretrained_foundation(tmp_path):
+    src = build_model(config(seed=1), None)
+    torch.save(src.foundation.state_dict(), tmp_path / "foundation.pt")
+    model = build_model(config(seed=2, pretrained=str(tmp_path / "foundation.pt")), None)
+    assert model.pretrained_report.complete
+    for k, v in src.foundation.state_dict().items(): assert torch.equal(model.foundation.state_dict()[k], v)
+    with pytest.raises(AmalgamError, match="checkpoint file not found"):
+        build_model(config(pretrained=str(tmp_path / "nope.pt")), None)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m(image()[..., :80], clicks()), r"not divisible by 32"),
+    (lambda m: m(image()[:, :, None], clicks()), "expected 4 dims"),
+    (lambda m: m(torch.cat([image(), image()], 1), clicks()), "expected 1 channel"),
+    (lambda m: m(image(), Prompts(points=torch.zeros(2, 1, 3), point_labels=torch.ones(2, 1, dtype=torch.long))), "image is 2D"),
+    (lambda m: m(image(), Prompts(points=torch.tensor([[[64.0, 0.0]]] * 2), point_labels=torch.ones(2, 1, dtype=torch.long))),
+     r"points\[0, 0\] = \[64.0, 0.0\]: outside the image of spatial shape \(64, 96\)"),
+    (lambda m: m(image(), clicks(b=1)), "batch size 1 but the image batch has 2"),
+    (lambda m: m(image(), Prompts(masks=torch.zeros(2, 1, 8, 12))), r"expects mask prompts of shape \(16, 24\)"),
+    (lambda m: m(image()), "no prompts and no task"),
+    (lambda m: m(image(), task="ct_abdomen"), "ambiguous"),
+    (lambda m: m(image(), task="ct_abdomen:lvier"), "did you mean 'ct_abdomen:liver'"),
+    (lambda m: m(image(), task=["ct_lung"] * 3), "3 task names for a batch of 2"),
+    (lambda m: m(image(), Prompts(classes=torch.tensor([0, 1])), task="ct_lung"), "class is given twice"),
+    (lambda m: m(image(), Prompts(classes=torch.tensor([0, 3]))), r"classes\[1\] = 3: out of range"),
+])
+def test_bad_input_fails_clearly(model2d, call, match):
+    with pytest.raises(AmalgamError, match=match):
+        call(model2d)
+
+
+def test_inconsistent_parts_fail_clearly():
+    m2 = build_model(config(), bank())
+    with pytest.raises(AmalgamError, match="expert 'ct_abdomen' is 3D"):
+        KA2ER(m2.foundation, ExpertBank([tiny_test_expert(3, name="ct_abdomen"), tiny_test_expert(3, name="ct_lung")]), m2.amalgamation,
+              m2.prompt_encoder, m2.decoder, m2.class_names)
+    with pytest.raises(AmalgamError, match="experts and amalgamation go together"):
+        KA2ER(m2.foundation, None, m2.amalgamation, m2.prompt_encoder, m2.decoder, m2.class_names)
+    with pytest.raises(AmalgamError, match="3 class tokens but 2 class names"):
+        KA2ER(m2.foundation, m2.experts, m2.amalgamation, m2.prompt_encoder, m2.decoder, m2.class_names[:2])
+    with pytest.raises(AmalgamError, match="does not match the amalgamation layer's experts"):
+        KA2ER(m2.foundation, ExpertBank([tiny_test_expert(2, name="other")]), m2.amalgamation, m2.prompt_encoder, m2.decoder, m2.class_names)
+    with pytest.raises(AmalgamError, match="spatial_dims: expected 2 or 3"):
+        dataclasses.replace(config(), spatial_dims=4)
+
+
+def test_expert_weight_figure(model2d):
+    from amalgam.model import expert_weight_figure
+    x = image()
+    with torch.no_grad(): out = model2d(x, clicks())
+    fig = expert_weight_figure(x, out, stride=16, batch_index=1)
+    assert [t.z.shape for t in fig.data] == [SHAPE[2][::-1]] * 4
+    torch.testing.assert_close(torch.as_tensor(fig.data[2].z), out.expert_weights[16][1, 1].repeat_interleave(16, 0).repeat_interleave(16, 1).T)
+    with pytest.raises(AmalgamError, match="no expert weights at stride 4"):
+        expert_weight_figure(x, out, stride=4)
+    with torch.no_grad(): base = build_model(config(), None)(x, clicks())
+    with pytest.raises(AmalgamError, match="baseline model without experts"):
+        expert_weight_figure(x, base)
