@@ -81,10 +81,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
+def _umask() -> int:
+    "The process umask (read without changing it for longer than the call)."
+    mask = os.umask(0); os.umask(mask)
+    return mask
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, `os.replace`); parent folders are created."
+    "Write `data` to `path` atomically (temp file in the same folder, fsync, `os.replace`); parent folders are created, permissions follow the umask."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files; a written file should look like any other
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -100,7 +106,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     "Yield a temporary file path next to `path`; on success it replaces `path`, on error it is removed. For writers that want a file name (nibabel, torch.save)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
+    os.close(fd); os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -113,6 +119,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite: raise AmalgamError(f"{path}: already exists (pass overwrite=True to replace it)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
