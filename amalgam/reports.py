@@ -82,7 +82,7 @@ def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parame
         executed = tmp / notebook.name
         try:
             pm.execute_notebook(str(notebook), str(executed), parameters={**params, "out_dir": str(tmp)},
-                                kernel_name=kernel_name, cwd=str(repo_root() or notebook.parent),
+                                kernel_name=kernel_name, language="python", cwd=str(repo_root() or notebook.parent),
                                 progress_bar=False, log_output=log_output)
         except Exception as e:
             if failed.exists(): shutil.rmtree(failed)
