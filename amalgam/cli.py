@@ -41,8 +41,8 @@ def demo_manifests() -> list[Path]:
     return found
 
 def run_demo(workspace_dir: str | Path | None = None, reports_dir: str | Path | None = None,
-             steps: Sequence[str] = DEMO_STEPS, params: dict | None = None) -> dict:
-    "Run the demo's `steps` in order (`params` go to every step's notebook); returns {step: seconds}."
+             steps: Sequence[str] = DEMO_STEPS, params: dict | None = None, progress: bool = False) -> dict:
+    "Run the demo's `steps` in order (`params` go to every step's notebook; `progress` shows per-cell progress); returns {step: seconds}."
     unknown = [s for s in steps if s not in DEMO_STEPS]
     if unknown: raise AmalgamError(f"demo: unknown step(s) {unknown}; choose from {list(DEMO_STEPS)}")
     ws = workspace(workspace_dir)
@@ -52,10 +52,11 @@ def run_demo(workspace_dir: str | Path | None = None, reports_dir: str | Path | 
     timings = {}
     for step in (s for s in DEMO_STEPS if s in steps):
         t0 = time.time()
+        print(f"demo: {step} step: {DEMO_NOTEBOOKS[step]} -> {reports / step}", flush=True)
         if step == "data":
             for m in manifests: materialize(m, ws / "nnUNet_raw", cache_dir=ws / "sources" / "phantom")
         run_notebook(root / "nbs" / "experiments" / DEMO_NOTEBOOKS[step], reports / step,
-                     {"manifests": manifests, "workspace": str(ws), **(params or {})}, index=False)
+                     {"manifests": manifests, "workspace": str(ws), **(params or {})}, progress_bar=progress, index=False)
         timings[step] = round(time.time() - t0, 1)
         print(f"demo: {step} step done in {timings[step]} s -> {reports / step / 'report.html'}", flush=True)
     render_index(reports)
@@ -87,7 +88,7 @@ def _report(args) -> int:
     return 0
 
 def _demo(args) -> int:
-    run_demo(args.workspace, args.reports, steps=args.steps or DEMO_STEPS)
+    run_demo(args.workspace, args.reports, steps=args.steps or DEMO_STEPS, progress=True)
     return 0
 
 def build_parser() -> argparse.ArgumentParser:

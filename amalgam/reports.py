@@ -69,8 +69,8 @@ def resolve_manifests(spec: str | Sequence[str] | None, root: str | os.PathLike 
 
 def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parameters: Mapping | None = None,
                  params_file: str | os.PathLike | None = None, kernel_name: str = "python3",
-                 log_output: bool = False, index: bool = True) -> Path:
-    "Execute `notebook` with papermill into `out_dir` (atomically replaced), render `report.html`, record provenance; returns `out_dir`."
+                 log_output: bool = False, progress_bar: bool = False, index: bool = True) -> Path:
+    "Execute `notebook` with papermill into `out_dir` (atomically replaced), render `report.html`, record provenance; returns `out_dir`. `progress_bar` shows papermill's per-cell progress on stderr."
     import papermill as pm
     notebook, out_dir = Path(notebook).resolve(), Path(out_dir).resolve()
     if not notebook.is_file(): raise AmalgamError(f"{notebook}: notebook not found")
@@ -83,7 +83,7 @@ def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parame
         try:
             pm.execute_notebook(str(notebook), str(executed), parameters={**params, "out_dir": str(tmp)},
                                 kernel_name=kernel_name, language="python", cwd=str(repo_root() or notebook.parent),
-                                progress_bar=False, log_output=log_output)
+                                progress_bar=progress_bar, log_output=log_output)
         except Exception as e:
             if failed.exists(): shutil.rmtree(failed)
             shutil.copytree(tmp, failed)
