@@ -25,7 +25,8 @@ import torch
 
 # %% auto 0
 __all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'repo_root', 'workspace', 'manifests_dir', 'seed_everything', 'rng', 'sha256_file',
-           'atomic_write', 'atomic_path', 'atomic_dir', 'git_commit', 'package_versions', 'provenance', 'write_json']
+           'atomic_write', 'atomic_path', 'atomic_dir', 'replace_dir', 'git_commit', 'package_versions', 'provenance',
+           'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
@@ -122,12 +123,19 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old); os.replace(tmp, path); shutil.rmtree(old)
-        else: os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    "Move the finished folder `src` (on the same file system) to `dst`; an existing `dst` is swapped out by rename and only then deleted."
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old); os.replace(src, dst); shutil.rmtree(old)
+    else: os.replace(src, dst)
+    return dst
 
 # %% ../nbs/00_config.ipynb
 TRACKED_PACKAGES = ("amalgam", "torch", "torchvision", "monai", "nnunetv2", "numpy", "nibabel", "SimpleITK", "scipy", "plotly", "papermill")

@@ -32,7 +32,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspace
+from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspace, replace_dir
 from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
@@ -114,14 +114,6 @@ def _run_nnunet(module: str, args: Sequence[str], env: Mapping[str, str], log: P
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise AmalgamError(f"{what} failed (exit code {rc}); full log: {log}\n{tail}")
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    "Move the finished folder `src` to `dst`, replacing an older `dst` only once `src` is complete."
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old); os.replace(src, dst); shutil.rmtree(old)
-    else: os.replace(src, dst)
-
 def _raw_dataset(manifest, paths: NnUNetPaths) -> Path:
     "The nnU-Net raw dataset folder for `manifest`: a manifest (YAML path or loaded) is materialised; a `DatasetXXX_Name` folder is used as it is."
     if isinstance(manifest, (str, os.PathLike)) and Path(manifest).is_dir():
@@ -166,7 +158,7 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
                         f"nnU-Net planning/preprocessing of {raw}")
             if not _is_preprocessed(Path(stage) / name, plans, configuration):
                 raise AmalgamError(f"{raw}: nnU-Net has no configuration {configuration!r} in plans {plans!r}")
-            _replace_dir(Path(stage) / name, pre)
+            replace_dir(Path(stage) / name, pre)
 
     model = paths.results / name / f"{trainer}__{plans}__{configuration}"
     if (model / f"fold_{fold}" / "checkpoint_final.pth").is_file() and not overwrite: return model
@@ -180,7 +172,7 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
             raise AmalgamError(f"{staged}: nnU-Net training ended without writing fold_{fold}/checkpoint_final.pth")
         for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
             atomic_write(model / f, (staged / f).read_bytes())
-        _replace_dir(staged / f"fold_{fold}", model / f"fold_{fold}")
+        replace_dir(staged / f"fold_{fold}", model / f"fold_{fold}")
     return model
 
 def _is_preprocessed(folder: Path, plans: str, configuration: str) -> bool:
