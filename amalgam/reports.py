@@ -77,24 +77,28 @@ def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parame
     params = load_params(params_file, parameters)
     manifests = resolve_manifests(params.get("manifests"))
     failed = out_dir.with_name(out_dir.name + ".failed")
+    root = repo_root() or notebook.parent
     t0 = time.time()
     with atomic_dir(out_dir, overwrite=True) as tmp:
         executed = tmp / notebook.name
-        try:
-            pm.execute_notebook(str(notebook), str(executed), parameters={**params, "out_dir": str(tmp)},
-                                kernel_name=kernel_name, language="python", cwd=str(repo_root() or notebook.parent),
-                                progress_bar=progress_bar, log_output=log_output)
-        except Exception as e:
+        def keep_failed(why: str) -> AmalgamError:
+            "Copy the failed run next to `out_dir` for debugging; the previous report stays where it is."
             if failed.exists(): shutil.rmtree(failed)
             shutil.copytree(tmp, failed)
-            raise AmalgamError(f"{notebook.name}: execution failed ({type(e).__name__}); the executed notebook is kept in {failed}\n{e}") from None
+            return AmalgamError(f"{notebook.name}: {why}; the executed notebook is kept in {failed}")
+        try:
+            pm.execute_notebook(str(notebook), str(executed), parameters={**params, "out_dir": str(tmp)},
+                                kernel_name=kernel_name, language="python", cwd=str(root),
+                                progress_bar=progress_bar, log_output=log_output)
+        except Exception as e:
+            raise keep_failed(f"execution failed ({type(e).__name__})\n{e}") from None
         if not (tmp / "metrics.json").is_file():
-            raise AmalgamError(f"{notebook.name}: did not write metrics.json to out_dir (its last cell must)")
+            raise keep_failed("did not write metrics.json to out_dir (its last cell must)")
         page = render_html(executed)
         check_offline(page, f"{notebook.name} -> report.html")
         atomic_write(tmp / "report.html", page)
         prov = provenance({**params, "out_dir": str(out_dir)}, manifests)
-        prov.update(notebook=str(notebook.relative_to(repo_root())) if repo_root() and notebook.is_relative_to(repo_root()) else str(notebook),
+        prov.update(notebook=str(notebook.relative_to(root)) if notebook.is_relative_to(root) else str(notebook),
                     seconds=round(time.time() - t0, 1))
         write_json(tmp / "provenance.json", prov)
     if failed.exists(): shutil.rmtree(failed)
