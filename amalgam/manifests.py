@@ -270,8 +270,16 @@ class Manifest:
     def lock_path(self) -> Path: return workspace() / "locks" / f"{self.task}.lock.yaml"
     @property
     def pinned(self) -> bool: return bool(self.cases)
-    def case(self, case_id: str) -> Case: return next(c for c in self.cases if c.id == case_id)
-    def split_of(self, case_id: str) -> str: return next(s for s in SPLITS if case_id in self.split.get(s, []))
+    def case(self, case_id: str) -> Case:
+        "The case with id `case_id`."
+        found = next((c for c in self.cases if c.id == case_id), None)
+        if found is None: raise AmalgamError(f"{self.path}: no case {case_id!r}")
+        return found
+    def split_of(self, case_id: str) -> str:
+        "The split (train/val/test) that holds `case_id`."
+        found = next((s for s in SPLITS if case_id in self.split.get(s, [])), None)
+        if found is None: raise AmalgamError(f"{self.path}: case {case_id!r} is in no split")
+        return found
     @property
     def split_seed(self) -> int: return self.raw.get("split", {}).get("seed", 0)
     @property
@@ -456,6 +464,7 @@ def write_manifest(manifest_dict: Mapping, path: str | os.PathLike) -> Path:
 def source_root(manifest: Manifest, cache_dir: str | os.PathLike | None = None, source_options: Mapping | None = None) -> Path:
     "Run the manifest's source provider and return the root folder its case paths are relative to (`source_options` override source keys, e.g. `path`)."
     source = {**manifest.source, **(source_options or {})}
+    if "kind" not in source: raise AmalgamError(f"{manifest.path}: source has no 'kind'")
     cache = Path(cache_dir) if cache_dir is not None else workspace() / "sources" / source["kind"]
     return Path(get_source(source["kind"])(source, cache))
 
@@ -519,7 +528,8 @@ def validate(manifest_or_path: Manifest | str | os.PathLike, root: str | os.Path
         return problems + [Problem(file, f"cases not pinned yet (pin: first_use): materialize() once to pin them into {m.lock_path}")]
     if root is None:
         try: root = source_root(m, cache_dir, source_options)
-        except AmalgamError as e: return problems + [Problem(file, f"source: {e}")]
+        except (AmalgamError, KeyError, TypeError, ValueError) as e:   # a malformed source is one more problem, not a crash
+            return problems + [Problem(file, f"source: {e!r}" if not isinstance(e, AmalgamError) else f"source: {e}")]
     for case in m.cases: problems += _case_problems(m, case, Path(root))
     return problems
 
