@@ -32,7 +32,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspace, replace_dir
+from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspace, replace_dir, write_json
 from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
@@ -436,15 +436,14 @@ Expert.from_zip = classmethod(_from_zip)
 
 # %% ../nbs/03_experts.ipynb
 def save_model_folder(expert: Expert, folder: str | os.PathLike, fold: int = 0, trainer: str = FULL_TRAINER) -> Path:
-    "Write `expert` as an nnU-Net results folder `folder/fold_<fold>/checkpoint_final.pth` (+ plans.json, dataset.json); atomic."
+    "Write `expert` as an nnU-Net results folder `folder/fold_<fold>/checkpoint_final.pth` (+ plans.json, dataset.json); each file and the fold folder are written atomically, other folds are kept."
     folder = Path(folder)
     ckpt = {"network_weights": expert.network.state_dict(), "trainer_name": trainer,
             "init_args": {"configuration": expert.configuration, "fold": fold}, "inference_allowed_mirroring_axes": None}
-    with atomic_dir(folder, overwrite=True) as tmp:
-        (tmp / "plans.json").write_text(json.dumps(expert.plans, indent=2))
-        (tmp / "dataset.json").write_text(json.dumps(expert.dataset_json, indent=2))
-        (tmp / f"fold_{fold}").mkdir()
-        torch.save(ckpt, tmp / f"fold_{fold}" / "checkpoint_final.pth")
+    write_json(folder / "plans.json", expert.plans)
+    write_json(folder / "dataset.json", expert.dataset_json)
+    with atomic_dir(folder / f"fold_{fold}", overwrite=True) as tmp:
+        torch.save(ckpt, tmp / "checkpoint_final.pth")
     return folder
 
 # %% ../nbs/03_experts.ipynb
@@ -523,9 +522,7 @@ class ExpertBank:
 
     def features(self, x: torch.Tensor, normalized: bool = False) -> dict[str, list[torch.Tensor]]:
         "Each expert's encoder features for the batch `x` (each expert normalises it its own way unless `normalized`)."
-        with torch.inference_mode():
-            out = {n: e._encode(x, normalized) for n, e in self._experts.items()}
-        return {n: [f.clone() for f in fs] for n, fs in out.items()}
+        return {n: e.features(x, normalized) for n, e in self._experts.items()}
 
     def describe(self) -> list[dict]:
         "One JSON-ready dict per expert: task, labels, modality, configuration, patch size, spacing, feature shapes, source."

@@ -147,7 +147,8 @@ class KA2ER(nn.Module):
         if prompt_encoder.embed_dim != decoder.transformer_dim:
             raise AmalgamError(f"KA2ER: prompt encoder embed_dim {prompt_encoder.embed_dim} != decoder transformer_dim {decoder.transformer_dim}")
         if tuple(decoder.feature_channels) != tuple(foundation.channels) or tuple(decoder.feature_strides) != tuple(foundation.strides):
-            raise AmalgamError("KA2ER: the decoder's feature channels/strides differ from the foundation's")
+            raise AmalgamError(f"KA2ER: the decoder's feature channels/strides {tuple(decoder.feature_channels)}/{tuple(decoder.feature_strides)} "
+                               f"differ from the foundation's {tuple(foundation.channels)}/{tuple(foundation.strides)}")
         if prompt_encoder.num_classes != len(class_names):
             raise AmalgamError(f"KA2ER: prompt encoder has {prompt_encoder.num_classes} class tokens but {len(class_names)} class names were given")
         self.foundation, self.amalgamation, self.prompt_encoder, self.decoder = foundation, amalgamation, prompt_encoder, decoder

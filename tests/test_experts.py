@@ -72,9 +72,8 @@ def test_training_writes_nnunet_results(trained):
 def test_training_again_reuses_the_model(trained):
     ckpt = trained["model"] / "fold_0" / "checkpoint_final.pth"
     before = ckpt.stat().st_mtime_ns
-    t0 = time.time()
     assert train_expert(trained["raw"], configuration=CONFIG, workspace_dir=trained["ws"]) == trained["model"]
-    assert time.time() - t0 < 10 and ckpt.stat().st_mtime_ns == before
+    assert ckpt.stat().st_mtime_ns == before
 
 
 def test_load_from_folder_and_from_nnunet_zip(trained, tmp_path):
@@ -193,3 +192,12 @@ def test_failed_training_leaves_no_results(trained):
 def test_bad_arguments():
     with pytest.raises(AmalgamError, match="fold: expected a non-negative integer"): train_expert("x", fold=-1)
     with pytest.raises(AmalgamError, match="nnU-Net raw dataset folder must be named"): train_expert(Path(__file__).parent)
+
+
+def test_saving_a_fold_keeps_the_other_folds(tmp_path):
+    expert = tiny_test_expert(spatial_dims=2, num_classes=3, name="toy")
+    save_model_folder(expert, tmp_path / "model", fold=0)
+    save_model_folder(expert, tmp_path / "model", fold=1)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["dataset.json", "fold_0", "fold_1", "plans.json"]
+    loaded = Expert.from_folder(tmp_path / "model", fold=0)
+    assert [s.channels for s in loaded.feature_specs] == [s.channels for s in expert.feature_specs]
