@@ -25,6 +25,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization, NoNormalization, ZScoreNormalization
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
@@ -36,9 +37,10 @@ from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspa
 from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
-__all__ = ['SMOKE_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', 'nnUNetTrainer_AmalgamSmoke', 'install_trainers', 'NnUNetPaths',
-           'train_expert', 'training_summary', 'FeatureSpec', 'feature_specs_from_plans', 'Expert', 'synthetic_plans',
-           'tiny_test_expert', 'save_model_folder', 'read_image', 'ExpertBank']
+__all__ = ['SMOKE_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', 'NNUNET_DEFAULT_FEATURES', 'nnUNetTrainer_AmalgamSmoke',
+           'install_trainers', 'NnUNetPaths', 'train_expert', 'training_summary', 'FeatureSpec',
+           'feature_specs_from_plans', 'Expert', 'synthetic_plans', 'tiny_test_expert', 'save_model_folder',
+           'read_image', 'ExpertBank']
 
 # %% ../nbs/03_experts.ipynb
 class nnUNetTrainer_AmalgamSmoke(nnUNetTrainer):
@@ -232,10 +234,37 @@ def _normalizer_classes(schemes: Sequence[str]) -> list[type]:
     if missing: raise AmalgamError(f"plans: unknown nnU-Net normalization scheme(s) {missing}")
     return found
 
+_EPS = 1e-8  # nnU-Net's epsilon for float32 normalisation
+
+def _torch_normalize(norm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    "nnU-Net's `norm.run` for one channel of a batch `B x *spatial` in torch on `x`'s device; `None` for a scheme not ported here."
+    kind, dims = type(norm), tuple(range(1, x.ndim))
+    if kind is CTNormalization:
+        p = norm.intensityproperties
+        return (x.clamp(p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / max(p["std"], _EPS)
+    if kind is NoNormalization: return x
+    if kind is not ZScoreNormalization: return None
+    if not norm.use_mask_for_norm:
+        mean = x.mean(dims, keepdim=True)
+        return (x - mean) / x.std(dims, keepdim=True, correction=0).clamp_min(_EPS)
+    # statistics inside the nonzero mask only; voxels outside it keep their values, as nnU-Net leaves them
+    m = mask.to(x.dtype)
+    n = m.sum(dims, keepdim=True)
+    mean = (x * m).sum(dims, keepdim=True) / n
+    std = ((((x - mean) * m) ** 2).sum(dims, keepdim=True) / n).sqrt()
+    return torch.where(mask, (x - mean) / std.clamp_min(_EPS), x)
+
 class Expert:
-    "A frozen nnU-Net v2 network with its plans: nnU-Net's normalisation, encoder features and logits."
+    """A frozen nnU-Net v2 network with its plans: nnU-Net's normalisation, encoder features and logits.
+
+    `amp`: mixed precision of the frozen network: `"auto"` (bf16 autocast on a CUDA device that supports it, else off),
+    `"bf16"` (always, CPU included) or `"off"`. Settable after construction."""
+    amp: str = "auto"
+
     def __init__(self, network: nn.Module, plans: dict, dataset_json: dict, configuration: str,
-                 name: str | None = None, source: str | os.PathLike | None = None):
+                 name: str | None = None, source: str | os.PathLike | None = None, amp: str = "auto"):
+        if amp not in ("auto", "bf16", "off"): raise AmalgamError(f"amp: expected 'auto', 'bf16' or 'off', got {amp!r}")
+        self.amp = amp
         self.source = Path(source) if source is not None else None
         where = str(self.source or "expert")
         self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
@@ -282,35 +311,66 @@ class Expert:
             raise AmalgamError(f"{where}: {what} expects {self.in_channels} channel(s) {self.channel_names}, got {x.shape[1]} (shape {tuple(x.shape)})")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        "nnU-Net's intensity normalisation of this expert, per sample and channel, of a `B x C x *spatial` batch (2D experts also take whole volumes)."
+        "nnU-Net's intensity normalisation of this expert, per sample and channel, of a `B x C x *spatial` batch (2D experts also take whole volumes); float32 on `x`'s device."
         self._check(x, "normalize", spatial=(self.spatial_dims, 3))
-        data = x.detach().to("cpu", torch.float32).numpy().copy()
-        for b in range(data.shape[0]):
-            # nnU-Net's nonzero mask, as its preprocessor builds it, for the schemes that normalise inside it only
-            seg = np.where(create_nonzero_mask(data[b]), 0, -1).astype(np.int8) if any(n.use_mask_for_norm for n in self._normalizers) else None
-            for c, norm in enumerate(self._normalizers): data[b, c] = norm.run(data[b, c], seg)
-        return torch.from_numpy(data).to(x.device)
+        return self._normalize(x)
 
-    def features(self, x: torch.Tensor, normalized: bool = False) -> list[torch.Tensor]:
-        "Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) for a batch; normalises it first unless `normalized`."
-        with torch.inference_mode(): skips = self._encode(x, normalized)
-        return [f.clone() for f in skips]  # clones outside inference mode are ordinary tensors, usable by trainable modules
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float()
+        mask = None
+        if any(n.use_mask_for_norm for n in self._normalizers):
+            # nnU-Net's nonzero mask (any channel nonzero, holes filled), built by its own function on the CPU
+            nonzero = (x != 0).any(1).cpu().numpy()
+            mask = torch.from_numpy(np.stack([create_nonzero_mask(m[None]) for m in nonzero])).to(x.device)
+        out = torch.empty_like(x)
+        for c, norm in enumerate(self._normalizers):
+            y = _torch_normalize(norm, x[:, c], mask)
+            if y is None:  # a scheme without a torch port: nnU-Net's class, sample by sample, in NumPy
+                seg = None if mask is None else np.where(mask.cpu().numpy(), 0, -1).astype(np.int8)
+                y = torch.stack([torch.from_numpy(norm.run(x[b, c].cpu().numpy().copy(), None if seg is None else seg[b]))
+                                 for b in range(x.shape[0])]).to(x.device)
+            out[:, c] = y
+        return out
 
-    def _encode(self, x: torch.Tensor, normalized: bool) -> list[torch.Tensor]:
-        self._check(x, "features")
-        if not normalized: x = self.normalize(x)
-        return self.network.encoder(x.to(self.device))
+    def _autocast(self):
+        on = self.amp == "bf16" or (self.amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
-    def predict(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        "Logits `B x num_classes x *spatial` for a batch whose spatial size is a multiple of the network's total stride."
-        self._check(x, "predict")
+    def _check_divisible(self, x: torch.Tensor, what: str) -> None:
         total = self.feature_specs[-1].stride
         if any(s % t for s, t in zip(x.shape[2:], total)):
-            raise AmalgamError(f"{self.source or self.name}: predict needs spatial sizes divisible by the network's total stride {total}, "
+            raise AmalgamError(f"{self.source or self.name}: {what} needs spatial sizes divisible by the network's total stride {total}, "
                                f"got {tuple(x.shape[2:])}; pad the patch or use segment_image")
-        if not normalized: x = self.normalize(x)
-        with torch.inference_mode(): out = self.network(x.to(self.device))
-        return out.clone()
+
+    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+        """Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) of a batch, normalised first
+        unless `normalized`; with `logits=True` also the logits `B x num_classes x *spatial` (float32) from nnU-Net's decoder on
+        those same features, so features and a distillation target cost one encoder pass. Features are in the network's compute
+        dtype (bf16 under `amp`), on the expert's device, without autograd history."""
+        return self._encode(x, normalized, logits, "encode")
+
+    def _encode(self, x: torch.Tensor, normalized: bool, logits: bool, what: str):
+        self._check(x, what)
+        if logits: self._check_divisible(x, f"{what}(logits=True)")
+        x = x.to(self.device)
+        if not normalized: x = self._normalize(x)
+        # no_grad rather than inference_mode: the outputs must be ordinary tensors that trainable modules can save for backward
+        with torch.no_grad(), self._autocast():
+            skips = self.network.encoder(x)
+            if not logits: return skips
+            return skips, self.network.decoder(skips).float()
+
+    def features(self, x: torch.Tensor, normalized: bool = False) -> list[torch.Tensor]:
+        "Every encoder stage's feature map for a batch (`encode` without logits)."
+        return self._encode(x, normalized, False, "features")
+
+    def predict(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        "Logits `B x num_classes x *spatial` (float32) for a batch whose spatial size is a multiple of the network's total stride."
+        self._check(x, "predict")
+        self._check_divisible(x, "predict")
+        x = x.to(self.device)
+        if not normalized: x = self._normalize(x)
+        with torch.no_grad(), self._autocast(): return self.network(x).float()
 
 # %% ../nbs/03_experts.ipynb
 def synthetic_plans(spatial_dims: int = 3, in_channels: int = 1, modality: str = "CT",
@@ -355,11 +415,15 @@ def _build_network(plans_manager: PlansManager, configuration_manager, dataset_j
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
 
+NNUNET_DEFAULT_FEATURES = {2: (32, 64, 128, 256, 512, 512, 512), 3: (32, 64, 128, 256, 320, 320)}
+"Feature counts per stage of nnU-Net's default PlainConvUNet (2d / 3d_fullres for a 256² / 128³-ish patch): the size a real expert has."
+
 def tiny_test_expert(spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, name: str = "expert",
-                     modality: str = "CT", seed: int = 0) -> Expert:
-    "A small random-init (seeded) nnU-Net PlainConvUNet expert built from synthetic plans: for fast tests, no training."
+                     modality: str = "CT", seed: int = 0, features: Sequence[int] = (8, 16, 32), patch: int = 32) -> Expert:
+    """A random-init (seeded) nnU-Net PlainConvUNet expert built from synthetic plans: for fast tests, no training.
+    `features` per stage (default tiny; `NNUNET_DEFAULT_FEATURES[spatial_dims]` for a full-size nnU-Net network), `patch` its plans' patch edge."""
     if num_classes < 2: raise AmalgamError(f"num_classes: an expert segments background plus at least one class, got {num_classes}")
-    plans = synthetic_plans(spatial_dims, in_channels, modality)
+    plans = synthetic_plans(spatial_dims, in_channels, modality, features=features, patch=patch)
     dataset_json = {"channel_names": {str(c): modality for c in range(in_channels)},
                     "labels": {"background": 0, **{f"class_{i}": i for i in range(1, num_classes)}},
                     "numTraining": 0, "file_ending": ".nii.gz", "amalgam_task": name}
@@ -522,7 +586,14 @@ class ExpertBank:
 
     def features(self, x: torch.Tensor, normalized: bool = False) -> dict[str, list[torch.Tensor]]:
         "Each expert's encoder features for the batch `x` (each expert normalises it its own way unless `normalized`)."
-        return {n: e.features(x, normalized) for n, e in self._experts.items()}
+        return self.encode(x, normalized)
+
+    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool = False
+               ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
+        "`Expert.encode` of every expert: features by name, and with `logits=True` also logits by name, from one pass per expert."
+        out = {n: e.encode(x, normalized, logits) for n, e in self._experts.items()}
+        if not logits: return out
+        return {n: f for n, (f, _) in out.items()}, {n: l for n, (_, l) in out.items()}
 
     def describe(self) -> list[dict]:
         "One JSON-ready dict per expert: task, labels, modality, configuration, patch size, spacing, feature shapes, source."

@@ -117,6 +117,11 @@ def zscore(x: Tensor, eps: float = 1e-5) -> Tensor:
     return (x - mean) / (std + eps)
 
 @dataclass(eq=False)
+class _CheckedPrompts(Prompts):
+    "Prompts that `KA2ER.forward` has validated against the whole batch, so the prompt encoder need not check them again (each check reads values back from the device)."
+    def validate(self, *args, **kwargs) -> "_CheckedPrompts": return self
+
+@dataclass(eq=False)
 class KA2EROutput:
     "What `KA2ER.forward` returns."
     masks: Tensor  # B x M x *input mask logits at full input resolution (M = num_multimask_outputs, or 1)
@@ -181,16 +186,20 @@ class KA2ER(nn.Module):
         classes = torch.tensor([self.class_index(n) for n in names], dtype=torch.long)
         return dataclasses.replace(prompts or Prompts(), classes=classes)
 
-    def expert_features(self, image: Tensor) -> dict[str, list[Tensor]]:
-        "Each frozen expert's encoder features of the raw `image` (normalised the expert's way), on the image's device."
+    def expert_features(self, image: Tensor, logits: bool = False) -> dict[str, list[Tensor]] | tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
+        "Each frozen expert's encoder features of the raw `image` (normalised the expert's way) on the image's device; with `logits=True` also each expert's logits from the same pass (see `ExpertBank.encode`)."
+        if self.experts is None: raise AmalgamError("KA2ER.expert_features: this is the baseline model, it has no experts")
         for e in self.experts:
             if e.device != image.device: e.to(image.device)
-        return {n: [f.to(image.device) for f in fs] for n, fs in self.experts.features(image).items()}
+        return self.experts.encode(image, logits=logits)
 
     def decode(self, features: Sequence[Tensor], prompts: Prompts, multimask_output: bool = True) -> tuple[Tensor, Tensor]:
         "Prompt encoder + mask decoder on image features (one map per foundation stride): masks `B x M x *input`, IoU `B x M`."
         image_size, grid = tuple(features[0].shape[2:]), tuple(features[self.decoder.embed_index].shape[2:])
-        sparse, dense = self.prompt_encoder(prompts.to(features[0].device), image_size, grid)
+        checked = isinstance(prompts, _CheckedPrompts)
+        prompts = prompts.to(features[0].device)
+        if checked: prompts = _CheckedPrompts(**prompts.given())
+        sparse, dense = self.prompt_encoder(prompts, image_size, grid)
         return self.decoder(features, self.prompt_encoder.dense_pe(grid), sparse, dense, multimask_output)
 
     def forward(self,
@@ -198,16 +207,21 @@ class KA2ER(nn.Module):
                 prompts: Prompts | None = None,  # clicks, boxes, mask prompts, classes
                 task: str | Sequence[str] | None = None,  # 'task:class' (or a one-class 'task') for all, or one per batch element
                 multimask_output: bool = True,  # SAM's ambiguity-aware masks, else the single-mask output
+                expert_features: Mapping[str, Sequence[Tensor]] | None = None,  # `ExpertBank.encode(image)`, when already computed (e.g. with the teachers' logits)
                ) -> KA2EROutput:
         self.foundation.check_input(image)
         b, spatial = image.shape[0], tuple(image.shape[2:])
         prompts = self._prompts(prompts, task, b)
         grid = tuple(s // self.decoder.embed_stride for s in spatial)
         prompts.validate(spatial, batch_size=b, num_classes=len(self.class_names), mask_shape=self.prompt_encoder.mask_input_size(grid))
+        prompts = _CheckedPrompts(**prompts.given())
+        if expert_features is not None and self.experts is None:
+            raise AmalgamError("KA2ER.forward: expert_features given to the baseline model, which has no experts")
         features = self.foundation(zscore(image))
         weights, names = {}, ()
         if self.experts is not None:
-            out = self.amalgamation(features, self.expert_features(image))
+            # computed here, the experts' maps (full-resolution stages included) are freed once amalgamated, before the decoder runs
+            out = self.amalgamation(features, self.expert_features(image) if expert_features is None else expert_features)
             features, weights, names = out.features, out.weights, tuple(out.expert_names)
         masks, iou = self.decode(features, prompts, multimask_output)
         return KA2EROutput(masks, iou, weights, names)

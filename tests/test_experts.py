@@ -201,3 +201,72 @@ def test_saving_a_fold_keeps_the_other_folds(tmp_path):
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["dataset.json", "fold_0", "fold_1", "plans.json"]
     loaded = Expert.from_folder(tmp_path / "model", fold=0)
     assert [s.channels for s in loaded.feature_specs] == [s.channels for s in expert.feature_specs]
+
+
+def _nnunet_normalize(expert, x: torch.Tensor) -> torch.Tensor:
+    "nnU-Net's own normalisation classes and nonzero mask, sample by sample, in NumPy (what its DefaultPreprocessor does)."
+    from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+    out = x.numpy().copy()
+    for b in range(len(out)):
+        seg = np.where(create_nonzero_mask(out[b]), 0, -1).astype(np.int8)
+        for c, norm in enumerate(expert._normalizers): out[b, c] = norm.run(out[b, c], seg)
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("scheme", ["ct", "zscore", "masked_zscore"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_torch_normalization_equals_nnunet(scheme, spatial_dims):
+    expert = tiny_test_expert(spatial_dims, in_channels=2, modality="CT" if scheme == "ct" else "MR")
+    if scheme == "masked_zscore":
+        for n in expert._normalizers: n.use_mask_for_norm = True
+    g = torch.Generator().manual_seed(spatial_dims)
+    shape = (3, 2, 20, 24) if spatial_dims == 2 else (2, 2, 10, 12, 14)
+    x = torch.randn(*shape, generator=g) * 400 + 30
+    x[:, :, :3] = 0  # a zero border outside the body; and an interior hole that nnU-Net's mask fills
+    x[:, :, 6:8, 5:7] = 0
+    x[0, 1, 4, 4] = 0  # zero in one channel only: still inside the mask
+    assert torch.allclose(expert.normalize(x), _nnunet_normalize(expert, x), rtol=1e-5, atol=1e-5)
+    if scheme == "ct": assert expert.normalize(x).abs().max() <= 4.0 + 1e-5  # clipped to the percentiles: (300-100)/50
+    if scheme == "masked_zscore": assert torch.equal(expert.normalize(x)[:, :, :3], x[:, :, :3])
+
+
+def test_unported_scheme_falls_back_to_nnunet():
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import RescaleTo01Normalization
+    expert = tiny_test_expert(2, in_channels=1, modality="MR")
+    expert._normalizers = [RescaleTo01Normalization(use_mask_for_norm=False, intensityproperties={})]
+    x = torch.rand(2, 1, 16, 16) * 50 - 10
+    y = expert.normalize(x)
+    assert torch.allclose(y.amin((1, 2, 3)), torch.zeros(2)) and torch.allclose(y.amax((1, 2, 3)), torch.ones(2))
+    assert torch.allclose(y, _nnunet_normalize(expert, x))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_encode_gives_features_and_the_same_logits_in_one_pass(spatial_dims):
+    expert = tiny_test_expert(spatial_dims, num_classes=4, seed=3)
+    x = torch.randn(2, 1, *[32] * spatial_dims) * 200 + 50
+    feats, logits = expert.encode(x, logits=True)
+    assert torch.equal(logits, expert.predict(x))
+    assert all(torch.equal(a, b) for a, b in zip(feats, expert.features(x), strict=True))
+    assert logits.shape == (2, 4, *[32] * spatial_dims) and logits.dtype == torch.float32
+    assert not any(f.requires_grad or f.is_inference() for f in feats)
+    with torch.no_grad(): ref = expert.network(expert.normalize(x))  # nnU-Net's network end to end
+    assert torch.equal(logits, ref)
+    with pytest.raises(AmalgamError, match=r"encode\(logits=True\) needs spatial sizes divisible"):
+        expert.encode(torch.randn(1, 1, *[34] * spatial_dims), logits=True)
+    assert len(expert.encode(torch.randn(1, 1, *[34] * spatial_dims))) == 3  # features alone need no divisibility
+
+
+def test_bank_encode_and_amp_flag():
+    bank = ExpertBank([tiny_test_expert(2, name="a"), tiny_test_expert(2, name="b", num_classes=2, seed=1)])
+    x = torch.randn(2, 1, 32, 32) * 100
+    feats, logits = bank.encode(x, logits=True)
+    assert sorted(feats) == sorted(logits) == ["a", "b"] and logits["b"].shape == (2, 2, 32, 32)
+    assert all(torch.equal(u, v) for u, v in zip(feats["a"], bank.features(x)["a"]))
+    e = bank["a"]
+    assert e.amp == "auto" and not e._autocast()._enabled  # auto: off on the CPU
+    e.amp = "bf16"  # forced: autocast on the CPU too, features in bf16, logits still float32 and close
+    f16, l16 = e.encode(x, logits=True)
+    assert f16[0].dtype == torch.bfloat16 and l16.dtype == torch.float32
+    assert (l16 - logits["a"]).abs().max() < 0.1 * logits["a"].abs().max()
+    with pytest.raises(AmalgamError, match="amp: expected"):
+        Expert(e.network, e.plans, e.dataset_json, e.configuration, amp="fp8")

@@ -245,3 +245,49 @@ def test_expert_weight_figure(model2d):
     with torch.no_grad(): base = build_model(config(), None)(x, clicks())
     with pytest.raises(AmalgamError, match="baseline model without experts"):
         expert_weight_figure(x, base)
+
+
+def test_precomputed_expert_features_give_the_same_output(model2d):
+    "forward(expert_features=ExpertBank.encode(x)) equals forward(x): a training step can share one expert pass with the teachers."
+    x = image()
+    feats, logits = model2d.experts.encode(x, logits=True)
+    with torch.no_grad():
+        ref = model2d(x, clicks())
+        shared = model2d(x, clicks(), expert_features=feats)
+    torch.testing.assert_close(shared.masks, ref.masks, rtol=0, atol=0)
+    torch.testing.assert_close(shared.iou, ref.iou, rtol=0, atol=0)
+    assert all(torch.equal(shared.expert_weights[s], ref.expert_weights[s]) for s in ref.expert_weights)
+    assert logits["ct_abdomen"].shape == (2, 3, *SHAPE[2])
+    wrong = {n: [f[:1] for f in fs] for n, fs in feats.items()}
+    with pytest.raises(AmalgamError, match=r"expert_features\['ct_abdomen'\]\[0\]: expected 2 x"):
+        model2d(x, clicks(), expert_features=wrong)
+    with pytest.raises(AmalgamError, match="baseline model, which has no experts"):
+        build_model(config(), None)(x, clicks(), expert_features=feats)
+
+
+def test_prompts_are_validated_once_per_forward(model2d, monkeypatch):
+    calls = []
+    real = Prompts.validate
+    monkeypatch.setattr(Prompts, "validate", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    with torch.no_grad(): model2d(image(), clicks())
+    assert len(calls) == 1 and calls[0]["batch_size"] == 2
+    with torch.no_grad(): model2d.decode(model2d.foundation(zscore(image())), clicks())  # decode alone still checks its prompts
+    assert len(calls) == 2
+
+
+def test_expert_features_are_freed_before_the_decoder(model2d, monkeypatch):
+    "Features the model computes itself (full-resolution stages included) do not stay alive while the decoder runs."
+    import weakref
+    refs, alive = [], []
+    real_features, real_decode = model2d.expert_features, model2d.decode
+    def features(image, logits=False):
+        out = real_features(image, logits)
+        refs.extend(weakref.ref(f) for fs in out.values() for f in fs)
+        return out
+    def decode(*args, **kwargs):
+        alive.append(sum(r() is not None for r in refs))
+        return real_decode(*args, **kwargs)
+    monkeypatch.setattr(model2d, "expert_features", features)
+    monkeypatch.setattr(model2d, "decode", decode)
+    with torch.no_grad(): model2d(image(), clicks())
+    assert len(refs) == 6 and alive == [0]

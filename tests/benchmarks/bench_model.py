@@ -4,8 +4,10 @@ and the exponent of peak-memory growth with the number of voxels (slope of log m
 Not a test (pytest does not collect it); it prints figures. Examples:
     python tests/benchmarks/bench_model.py --spatial-dims 3 --sizes 32x32x64 64x64x64 64x64x128 --experts 2
     python tests/benchmarks/bench_model.py --device cuda --sizes 64x64x64 128x128x64 128x128x128 --feature-size 24
-Experts are tiny random-init nnU-Net networks (amalgam.experts.tiny_test_expert): their cost is the cost of a small
-PlainConvUNet encoder plus nnU-Net normalisation, not that of a full-size expert.
+Experts are random-init nnU-Net PlainConvUNets built from synthetic plans: `--expert-size tiny` (8/16/32 features, the
+test experts) or `--expert-size nnunet` (nnU-Net's default feature counts, amalgam.experts.NNUNET_DEFAULT_FEATURES: the
+cost of a real expert). `--json PATH` also writes the figures as JSON, `--label` tags them (before/after comparisons:
+run the script twice with different PYTHONPATHs, interleaved, in one shell invocation).
 
 Memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the part ran. On CPU, the peak of live
 tensor bytes recorded by torch.profiler(profile_memory=True), at operator granularity (allocations and frees replayed in
@@ -25,11 +27,18 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from amalgam.experts import ExpertBank, tiny_test_expert
+from amalgam.experts import Expert, ExpertBank, tiny_test_expert
 from amalgam.model import KA2ERConfig, build_model, zscore
 from amalgam.prompts import Prompts
 
 PARTS = ("experts", "foundation", "amalgamation", "decoder", "total")
+FEATURES = {"tiny": {2: (8, 16, 32), 3: (8, 16, 32)},
+            "nnunet": {2: (32, 64, 128, 256, 512, 512, 512), 3: (32, 64, 128, 256, 320, 320)}}  # nnU-Net's defaults
+
+
+def make_expert(spatial_dims: int, name: str, seed: int, size: str = "tiny") -> Expert:
+    "A seeded random-init nnU-Net expert from synthetic plans, of the test size or nnU-Net's default width."
+    return tiny_test_expert(spatial_dims, 1, 3, name=name, seed=seed, features=FEATURES[size][spatial_dims])
 
 
 def parse_size(text: str, spatial_dims: int) -> tuple[int, ...]:
@@ -78,11 +87,11 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_size(model, size, device, repeats, grad):
-    d = len(size)
-    x = (300 * torch.randn(1, 1, *size) + 40).to(device)
-    centre = torch.tensor([[[s / 2 for s in size]]], device=device)
-    prompts = Prompts(points=centre, point_labels=torch.ones(1, 1, dtype=torch.long, device=device), classes=torch.zeros(1, dtype=torch.long, device=device))
+def bench_size(model, size, device, repeats, grad, batch=1):
+    x = (300 * torch.randn(batch, 1, *size) + 40).to(device)
+    centre = torch.tensor([[[s / 2 for s in size]]] * batch, device=device)
+    prompts = Prompts(points=centre, point_labels=torch.ones(batch, 1, dtype=torch.long, device=device),
+                      classes=torch.zeros(batch, dtype=torch.long, device=device))
     mode = contextlib.nullcontext if grad else torch.no_grad
     with torch.no_grad():  # inputs of the later parts, computed once
         fnd = model.foundation(zscore(x))
@@ -118,6 +127,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per part (the median is reported)")
     ap.add_argument("--no-grad", action="store_true", help="measure inference (no autograd) instead of a training forward")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--batch", type=int, default=1, help="images per forward")
+    ap.add_argument("--expert-size", default="tiny", choices=tuple(FEATURES), help="tiny test experts or nnU-Net's default widths")
+    ap.add_argument("--label", default="", help="a tag printed with the results and stored in --json")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     d = args.spatial_dims
@@ -129,27 +142,34 @@ def main(argv=None):
 
     cfg = KA2ERConfig(spatial_dims=d, feature_size=args.feature_size, hidden_dim=args.hidden_dim, transformer_dim=args.transformer_dim,
                       iou_head_hidden_dim=args.transformer_dim, tasks={"bench": ["a", "b"]})
-    bank = ExpertBank([tiny_test_expert(d, name=f"expert{k}", seed=k) for k in range(args.experts)]) if args.experts else None
+    bank = ExpertBank([make_expert(d, f"expert{k}", k, args.expert_size) for k in range(args.experts)]) if args.experts else None
     model = build_model(cfg, bank).to(device).train(not args.no_grad)
     if bank is not None: bank.to(device)
     counts = model.parameter_counts()
-    print(f"KA2ER {d}D, K={args.experts} experts, feature_size={args.feature_size}, device={device}"
+    print(f"{args.label + ': ' if args.label else ''}KA2ER {d}D, K={args.experts} {args.expert_size} experts, batch {args.batch}, feature_size={args.feature_size}, device={device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}, "
           f"{'inference (no grad)' if args.no_grad else 'training forward (autograd on)'}, median of {args.repeats}")
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in counts.items()))
     print(f"{'input':>14} {'voxels':>10} " + " ".join(f"{p + ' ms':>16} {p + ' MiB':>17}" for p in PARTS))
     results = {}
     for size in sizes:
-        rows = bench_size(model, size, device, args.repeats, not args.no_grad)
+        rows = bench_size(model, size, device, args.repeats, not args.no_grad, args.batch)
         results[size] = rows
         cells = [f"{rows[p][0] * 1e3:16.1f} {rows[p][1] / 2**20:17.1f}" if p in rows else f"{'-':>16} {'-':>17}" for p in PARTS]
         print(f"{'x'.join(map(str, size)):>14} {math.prod(size):>10} " + " ".join(cells))
     vox = np.log([math.prod(s) for s in sizes])
     print("memory growth exponent (slope of log peak MiB vs log voxels; 1 = linear):")
+    exponents = {}
     for p in PARTS:
         mem = [results[s][p][1] for s in sizes if p in results[s]]
         if len(mem) == len(sizes) and min(mem) > 0:
-            print(f"  {p:<13} {np.polyfit(vox, np.log(mem), 1)[0]:.2f}")
+            exponents[p] = float(np.polyfit(vox, np.log(mem), 1)[0])
+            print(f"  {p:<13} {exponents[p]:.2f}")
+    if args.json:
+        import json
+        out = {"label": args.label, "args": vars(args), "exponents": exponents,
+               "rows": [{"size": list(s), "part": p, "seconds": t, "peak_bytes": m} for s in sizes for p, (t, m) in results[s].items()]}
+        with open(args.json, "w") as f: json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
