@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 export PYTHONHASHSEED ?= 0
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test check-clean nbtest pytest clean
+.PHONY: install browser demo test check-clean nbtest pytest clean
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ $(STAMP): settings.ini setup.py
 demo: install
 	$(BIN)/amalgam demo
 
-test: install check-clean nbtest pytest
+test: install browser check-clean nbtest pytest
+
+# The widget's browser test drives Debian's Chromium through Playwright (never a downloaded browser).
+browser:
+	command -v chromium >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium; }
 
 # The notebooks are the source of truth: exporting or cleaning them must change nothing.
 check-clean:
