@@ -10,9 +10,9 @@ import difflib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from .config import AmalgamError, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, Expert, ExpertBank, train_expert
-from .infer import prompted_segmentation
+from .infer import EVAL_MODES, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
 from .metrics import case_metrics
@@ -29,7 +29,7 @@ from .model import KA2ERConfig
 from .train import TrainConfig, train
 
 # %% auto 0
-__all__ = ['EVAL_MODES', 'ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'expert_bank', 'expert_precision', 'sub_bank',
+__all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'expert_bank', 'expert_precision', 'sub_bank',
            'pretrained_foundation', 'train_variant', 'task_labels', 'evaluate_model', 'evaluate_experts', 'slice_boxes',
            'evaluate_litemedsam', 'paired_comparison', 'overlay_figure']
 
@@ -94,8 +94,6 @@ class Recipe:
                 hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "") for k in unknown]
                 raise AmalgamError(f"Recipe: unknown parameter(s) {', '.join(hints)}")
         return cls(**{k: v for k, v in params.items() if k in names})
-
-EVAL_MODES = ("auto", "box", "click1", "click3")
 
 # %% ../nbs/17_experiments.ipynb
 ABLATIONS = {
