@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -24,13 +26,25 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'repo_root', 'workspace', 'manifests_dir', 'seed_everything', 'rng', 'sha256_file',
-           'atomic_write', 'atomic_path', 'atomic_dir', 'replace_dir', 'git_commit', 'package_versions', 'provenance',
-           'write_json']
+__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'fields_from_dict', 'repo_root', 'workspace', 'manifests_dir', 'seed_everything',
+           'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir', 'replace_dir', 'git_commit',
+           'package_versions', 'provenance', 'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
     "Bad input found at a boundary (a manifest, an image, a prompt, a checkpoint); the message names the file and the problem."
+
+# %% ../nbs/00_config.ipynb
+def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
+    "The entries of `d` for the dataclass `cls`; any key that is not one of its fields is an `AmalgamError` naming it, with a did-you-mean hint."
+    what = what or cls.__name__
+    if not isinstance(d, Mapping): raise AmalgamError(f"{what}: expected a mapping of fields, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        hint = lambda k: f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), names, 1)) else ""
+        raise AmalgamError(f"{what}: unknown key(s) {', '.join(f'{k!r}{hint(k)}' for k in unknown)}; known keys: {names}")
+    return dict(d)
 
 # %% ../nbs/00_config.ipynb
 def repo_root(start: str | os.PathLike | None = None) -> Path | None:

@@ -20,7 +20,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from scipy import ndimage
 from torch import Tensor
 
-from .config import AmalgamError, rng
+from .config import AmalgamError, fields_from_dict, rng
 from .manifests import Manifest, datalist, load_manifest, nnunet_raw_dir
 from .prompts import Prompts
 
@@ -106,11 +106,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "DataConfig":
         "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        if not isinstance(d, Mapping): raise AmalgamError(f"DataConfig: expected a mapping of fields, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown: raise AmalgamError(_unknown_keys("DataConfig", unknown, names))
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d))
 
 # %% ../nbs/08_data.ipynb
 def _manifest(m: Manifest | str | os.PathLike) -> Manifest:

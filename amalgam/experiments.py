@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import AmalgamError, workspace
+from .config import AmalgamError, fields_from_dict, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, Expert, ExpertBank, train_expert
@@ -87,13 +87,8 @@ class Recipe:
     @classmethod
     def from_params(cls, params: Mapping, strict: bool = False) -> "Recipe":
         "The recipe from a notebook's parameters: recipe fields are taken, other keys ignored (or, with `strict`, an error naming them)."
-        names = [f.name for f in dataclasses.fields(cls)]
-        if strict:
-            unknown = [k for k in params if k not in names]
-            if unknown:
-                hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "") for k in unknown]
-                raise AmalgamError(f"Recipe: unknown parameter(s) {', '.join(hints)}")
-        return cls(**{k: v for k, v in params.items() if k in names})
+        if strict: return cls(**fields_from_dict(cls, params))
+        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
 
 # %% ../nbs/17_experiments.ipynb
 ABLATIONS = {

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
-from .config import AmalgamError
+from .config import AmalgamError, fields_from_dict
 
 # %% auto 0
 __all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'distillation_loss', 'iou_targets', 'KA2ERLoss']
@@ -48,12 +47,7 @@ class LossConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "LossConfig":
         "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), names, 1)) else "") for k in unknown]
-            raise AmalgamError(f"LossConfig: unknown key(s) {', '.join(hints)}")
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d))
 
 # %% ../nbs/09_losses.ipynb
 def _check_pair(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .amalgamation import AmalgamationLayer
-from .config import AmalgamError, write_json
+from .config import AmalgamError, fields_from_dict, write_json
 from .experts import ExpertBank
 from .foundation import Foundation, LoadReport, load_pretrained
 from .prompts import MaskDecoder, PromptEncoder, Prompts
@@ -87,12 +87,7 @@ class KA2ERConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "KA2ERConfig":
         "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "") for k in unknown]
-            raise AmalgamError(f"KA2ERConfig: unknown key(s) {', '.join(hints)}")
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d))
 
     def save(self, path: str | os.PathLike) -> Path:
         "Write the config as JSON (atomically)."

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import AmalgamError, atomic_path, atomic_write, rng, seed_everything, sha256_file, write_json
+from .config import AmalgamError, fields_from_dict, atomic_path, atomic_write, rng, seed_everything, sha256_file, write_json
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_probability
@@ -86,12 +85,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "TrainConfig":
         "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "") for k in unknown]
-            raise AmalgamError(f"TrainConfig: unknown key(s) {', '.join(hints)}")
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d))
 
 # %% ../nbs/11_train.ipynb
 def lr_factor(step: int, config: TrainConfig) -> float:
