@@ -20,7 +20,7 @@ import torch
 from .config import AmalgamError, fields_from_dict, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
-from .experts import SMOKE_TRAINER, Expert, ExpertBank, train_expert
+from .experts import SMOKE_TRAINER, Expert, ExpertBank, NnUNetPaths, train_expert
 from .infer import EVAL_MODES, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
@@ -29,7 +29,7 @@ from .model import KA2ERConfig
 from .train import TrainConfig, train
 
 # %% auto 0
-__all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'expert_bank', 'expert_precision', 'sub_bank',
+__all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'expert_bank', 'expert_precision', 'sub_bank', 'data_root',
            'pretrained_foundation', 'train_variant', 'task_labels', 'evaluate_model', 'evaluate_experts', 'slice_boxes',
            'evaluate_litemedsam', 'paired_comparison', 'overlay_figure']
 
@@ -165,6 +165,10 @@ def sub_bank(bank: ExpertBank, sources: Sequence[dict], k: int) -> tuple[ExpertB
     return (ExpertBank([bank[n] for n in keep]) if keep else None), [s for s in sources if s["name"] in keep]
 
 # %% ../nbs/17_experiments.ipynb
+def data_root(workspace_dir: str | os.PathLike | None = None) -> Path:
+    "The nnUNet_raw folder the manifests are materialised in for this workspace: the same one its experts were trained from."
+    return NnUNetPaths.under(workspace_dir).raw
+
 def pretrained_foundation(recipe: Recipe, manifests: Sequence[str | os.PathLike], workspace_dir: str | os.PathLike | None = None,
                           progress: bool = False) -> Path | None:
     "The recipe's self-supervised foundation checkpoint (made once, then reused), or None when `pretrain_steps` is 0."
@@ -177,7 +181,7 @@ def pretrained_foundation(recipe: Recipe, manifests: Sequence[str | os.PathLike]
     if out.is_file(): return out
     data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)
     return Path(pretrain_foundation(out, manifests, data, r.spatial_dims, r.feature_size, steps=r.pretrain_steps, seed=r.seed,
-                                    device=r.device, progress=progress))
+                                    device=r.device, progress=progress, root=data_root(workspace_dir)))
 
 def train_variant(name: str, recipe: Recipe, manifests: Sequence[str | os.PathLike], bank: ExpertBank, sources: Sequence[dict],
                   pretrained: str | os.PathLike | None = None, workspace_dir: str | os.PathLike | None = None,
@@ -187,7 +191,8 @@ def train_variant(name: str, recipe: Recipe, manifests: Sequence[str | os.PathLi
     model, data, trn, loss, k = variant_configs(recipe, tasks, name, len(bank), pretrained)
     experts, used = sub_bank(bank, sources, k)
     run_dir = (Path(runs_dir) if runs_dir is not None else workspace(workspace_dir) / "runs") / name
-    train(run_dir, list(manifests), model, data, trn, loss, experts, expert_sources=used, resume=True, progress=progress)
+    train(run_dir, list(manifests), model, data, trn, loss, experts, expert_sources=used, resume=True, progress=progress,
+          root=data_root(workspace_dir))
     return run_dir
 
 # %% ../nbs/17_experiments.ipynb
