@@ -342,23 +342,32 @@ class Expert:
             raise AmalgamError(f"{self.source or self.name}: {what} needs spatial sizes divisible by the network's total stride {total}, "
                                f"got {tuple(x.shape[2:])}; pad the patch or use segment_image")
 
-    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Sequence[int] = False
+               ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) of a batch, normalised first
         unless `normalized`; with `logits=True` also the logits `B x num_classes x *spatial` (float32) from nnU-Net's decoder on
-        those same features, so features and a distillation target cost one encoder pass. Features are in the network's compute
-        dtype (bf16 under `amp`), on the expert's device, without autograd history."""
+        those same features, so features and a distillation target cost one encoder pass. `logits` may instead be a list of batch
+        indices: the decoder then runs on those elements only and returns their logits in that order (`len x num_classes x *spatial`;
+        an empty list runs no decoder). Features are in the network's compute dtype (bf16 under `amp`), on the expert's device,
+        without autograd history."""
         return self._encode(x, normalized, logits, "encode")
 
-    def _encode(self, x: torch.Tensor, normalized: bool, logits: bool, what: str):
+    def _encode(self, x: torch.Tensor, normalized: bool, logits: bool | Sequence[int], what: str):
         self._check(x, what)
-        if logits: self._check_divisible(x, f"{what}(logits=True)")
+        rows = None if isinstance(logits, bool) else [int(i) for i in logits]
+        if rows is not None and any(not 0 <= i < len(x) for i in rows):
+            raise AmalgamError(f"{self.source or self.name}: {what}: logits asked for batch elements {rows} of a batch of {len(x)}")
+        if logits is True or rows: self._check_divisible(x, f"{what}(logits=True)")
         x = x.to(self.device)
         if not normalized: x = self._normalize(x)
         # no_grad rather than inference_mode: the outputs must be ordinary tensors that trainable modules can save for backward
         with torch.no_grad(), self._autocast():
             skips = self.network.encoder(x)
-            if not logits: return skips
-            return skips, self.network.decoder(skips).float()
+            if logits is False: return skips
+            if rows is None: return skips, self.network.decoder(skips).float()
+            if not rows: return skips, torch.empty(0, self.num_classes, *x.shape[2:], device=x.device)
+            idx = torch.tensor(rows, device=x.device)
+            return skips, self.network.decoder([s.index_select(0, idx) for s in skips]).float()
 
     def features(self, x: torch.Tensor, normalized: bool = False) -> list[torch.Tensor]:
         "Every encoder stage's feature map for a batch (`encode` without logits)."
@@ -588,12 +597,20 @@ class ExpertBank:
         "Each expert's encoder features for the batch `x` (each expert normalises it its own way unless `normalized`)."
         return self.encode(x, normalized)
 
-    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool = False
+    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Mapping[str, Sequence[int]] = False
                ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
-        "`Expert.encode` of every expert: features by name, and with `logits=True` also logits by name, from one pass per expert."
-        out = {n: e.encode(x, normalized, logits) for n, e in self._experts.items()}
-        if not logits: return out
-        return {n: f for n, (f, _) in out.items()}, {n: l for n, (_, l) in out.items()}
+        """`Expert.encode` of every expert: features by name, and with `logits=True` also every expert's logits by name, from one
+        pass per expert. `logits={name: batch indices}` asks only the named experts for the logits of only those elements
+        (see `Expert.encode`); the other experts run their encoder alone."""
+        if logits is False: return {n: e.encode(x, normalized) for n, e in self._experts.items()}
+        if isinstance(logits, Mapping):
+            unknown = sorted(set(logits) - set(self._experts))
+            if unknown: raise AmalgamError(f"ExpertBank.encode: logits asked of unknown expert(s) {unknown} (have {self.names})")
+            out = {n: e.encode(x, normalized, list(logits[n])) if n in logits else (e.encode(x, normalized), None)
+                   for n, e in self._experts.items()}
+        elif logits is True: out = {n: e.encode(x, normalized, True) for n, e in self._experts.items()}
+        else: raise AmalgamError(f"ExpertBank.encode: logits must be True, False or {{expert: batch indices}}, got {logits!r}")
+        return {n: f for n, (f, _) in out.items()}, {n: l for n, (_, l) in out.items() if l is not None}
 
     def describe(self) -> list[dict]:
         "One JSON-ready dict per expert: task, labels, modality, configuration, patch size, spacing, feature shapes, source."

@@ -33,9 +33,9 @@ from .prompts import LayerNormChannels, Prompts
 
 # %% auto 0
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
-           'task_experts', 'teacher_targets', 'multimask_for', 'best_mask', 'add_click', 'StepContext', 'train_step',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff', 'read_run_config', 'train',
-           'load_run']
+           'task_experts', 'teacher_rows', 'teacher_targets', 'multimask_for', 'best_mask', 'add_click', 'StepContext',
+           'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff',
+           'read_run_config', 'train', 'load_run']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -156,14 +156,30 @@ def task_experts(experts: ExpertBank | None, tasks: Sequence[str]) -> dict[str, 
         out[e.task] = e.name
     return {t: n for t, n in out.items() if t in tasks}
 
+def teacher_rows(tasks: Sequence[str], experts_of: Mapping[str, str]) -> dict[str, list[int]]:
+    "expert -> the batch indices of the elements it teaches (their task is its task), for `ExpertBank.encode(logits=...)`."
+    rows: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        if t in experts_of: rows.setdefault(experts_of[t], []).append(i)
+    return rows
+
 def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts_of: Mapping[str, str], temperature: float) -> tuple[Tensor | None, Tensor]:
-    "Per element the softened probability of its prompted class under its task's expert (`B x 1 x *patch`, None when no element has one) and a bool mask of the elements that have one."
+    """Per element the softened probability of its prompted class under its task's expert (`B x 1 x *patch`, None when no element
+    has one) and a bool mask of the elements that have one. `logits[expert]` holds the logits of that expert's elements only, in
+    batch order: what `ExpertBank.encode(image, logits=teacher_rows(batch.task, experts_of))` returns."""
+    rows = teacher_rows(batch.task, experts_of)
     has = torch.tensor([t in experts_of for t in batch.task], dtype=torch.bool)
     if not has.any(): return None, has
-    probs = []
+    for n, r in rows.items():
+        if n not in logits or len(logits[n]) != len(r):
+            raise AmalgamError(f"teacher_targets: expert {n!r} teaches batch elements {r}, but its logits hold "
+                               f"{'nothing' if n not in logits else f'{len(logits[n])} element(s)'}")
+    probs, seen = [], dict.fromkeys(rows, 0)
     for i, (t, v) in enumerate(zip(batch.task, batch.class_value)):
-        if t in experts_of: probs.append(teacher_probability(logits[experts_of[t]][i:i + 1].float(), [v], temperature))
-        else: probs.append(torch.zeros_like(batch.target[i:i + 1]))
+        if t not in experts_of: probs.append(torch.zeros_like(batch.target[i:i + 1])); continue
+        n = experts_of[t]
+        probs.append(teacher_probability(logits[n][seen[n]:seen[n] + 1].float(), [v], temperature))
+        seen[n] += 1
     return torch.cat(probs), has
 
 # %% ../nbs/11_train.ipynb
@@ -228,7 +244,7 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     "Forward and backward of one batch on this rank (gradients are left in `.grad`); returns the detached loss terms."
     feats, logits = None, {}
     if s.experts is not None and s.experts_of:  # each expert runs in its own precision (Expert.amp)
-        feats, logits = s.experts.encode(batch.image, logits=True)
+        feats, logits = s.experts.encode(batch.image, logits=teacher_rows(batch.task, s.experts_of))
     elif s.experts is not None: feats = s.experts.encode(batch.image)
     teacher, has_teacher = teacher_targets(batch, logits, s.experts_of, s.loss_config.kd_temperature)
     prompts = batch.prompts.to(s.dist.device)

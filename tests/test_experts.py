@@ -254,6 +254,8 @@ def test_encode_gives_features_and_the_same_logits_in_one_pass(spatial_dims):
     assert not any(f.requires_grad or f.is_inference() for f in feats)
     with torch.no_grad(): ref = expert.network(expert.normalize(x))  # nnU-Net's network end to end
     assert torch.equal(logits, ref)
+    _, part = expert.encode(x, logits=[1, 0])  # the decoder on chosen elements, in the order asked
+    assert part.shape == logits.shape and torch.allclose(part, logits[[1, 0]], atol=1e-5)
     with pytest.raises(AmalgamError, match=r"encode\(logits=True\) needs spatial sizes divisible"):
         expert.encode(torch.randn(1, 1, *[34] * spatial_dims), logits=True)
     assert len(expert.encode(torch.randn(1, 1, *[34] * spatial_dims))) == 3  # features alone need no divisibility
