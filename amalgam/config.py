@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'fields_from_dict', 'repo_root', 'workspace', 'manifests_dir', 'seed_everything',
-           'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir', 'replace_dir', 'git_commit',
-           'package_versions', 'provenance', 'write_json']
+__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'fields_from_dict', 'DictConfig', 'repo_root', 'workspace', 'manifests_dir',
+           'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir', 'replace_dir',
+           'git_commit', 'package_versions', 'provenance', 'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
@@ -45,6 +45,20 @@ def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
         hint = lambda k: f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), names, 1)) else ""
         raise AmalgamError(f"{what}: unknown key(s) {', '.join(f'{k!r}{hint(k)}' for k in unknown)}; known keys: {names}")
     return dict(d)
+
+def _plain(v):
+    "Tuples (also inside dicts and lists) as lists: what the value reads back as from JSON."
+    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
+    if isinstance(v, dict): return {k: _plain(x) for k, x in v.items()}
+    return v
+
+class DictConfig:
+    "Mixin of the config dataclasses (model, data, losses, training, recipe): `to_dict` gives plain JSON-ready values, `from_dict` is its inverse and refuses unknown keys (`fields_from_dict`)."
+    def to_dict(self) -> dict: return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping, what: str | None = None):
+        return cls(**fields_from_dict(cls, d, what))
 
 # %% ../nbs/00_config.ipynb
 def repo_root(start: str | os.PathLike | None = None) -> Path | None:

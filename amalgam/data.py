@@ -20,7 +20,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from scipy import ndimage
 from torch import Tensor
 
-from .config import AmalgamError, fields_from_dict, rng
+from .config import AmalgamError, DictConfig, rng
 from .manifests import Manifest, datalist, load_manifest, nnunet_raw_dir
 from .prompts import Prompts
 
@@ -42,7 +42,7 @@ def _hint(word: str, choices: Sequence[str]) -> str:
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 @dataclass
-class DataConfig:
+class DataConfig(DictConfig):
     "Patches, sampling, augmentation and prompt simulation for training (see the field comments)."
     spatial_dims: int = 2  # 2: slices along the first spatial axis; 3: volumes
     patch_size: tuple = (64, 64)  # tensor axis order; multiples of 32, one per spatial dimension
@@ -97,16 +97,6 @@ class DataConfig:
         total = float(sum(modes.values()))
         self.prompt_modes = {m: float(modes[m]) / total for m in PROMPT_MODES if m in modes}
 
-    def to_dict(self) -> dict:
-        "Plain JSON-ready values."
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "DataConfig":
-        "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        return cls(**fields_from_dict(cls, d))
 
 # %% ../nbs/08_data.ipynb
 def _manifest(m: Manifest | str | os.PathLike) -> Manifest:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import AmalgamError, fields_from_dict, workspace
+from .config import AmalgamError, DictConfig, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, Expert, ExpertBank, NnUNetPaths, train_expert
@@ -35,7 +35,7 @@ __all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'expert_ban
 
 # %% ../nbs/17_experiments.ipynb
 @dataclass
-class Recipe:
+class Recipe(DictConfig):
     "Every knob of the main job: data, model size, training, distillation, pretraining and evaluation."
     # experts (nnU-Net v2)
     expert_configuration: str = "2d"
@@ -80,14 +80,10 @@ class Recipe:
         for k in ("steps", "batch_size", "n_boot"):
             if int(getattr(self, k)) < 1: raise AmalgamError(f"Recipe.{k}: must be >= 1, got {getattr(self, k)!r}")
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
     @classmethod
     def from_params(cls, params: Mapping, strict: bool = False) -> "Recipe":
         "The recipe from a notebook's parameters: recipe fields are taken, other keys ignored (or, with `strict`, an error naming them)."
-        if strict: return cls(**fields_from_dict(cls, params))
+        if strict: return cls.from_dict(params)
         return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
 
 # %% ../nbs/17_experiments.ipynb

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
-from .config import AmalgamError, fields_from_dict
+from .config import AmalgamError, DictConfig
 
 # %% auto 0
 __all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'distillation_loss', 'iou_targets', 'KA2ERLoss']
 
 # %% ../nbs/09_losses.ipynb
 @dataclass
-class LossConfig:
+class LossConfig(DictConfig):
     "Weights of the KA²ER loss terms: `dice_weight * Dice + ce_weight * BCE` (the segmentation loss), `+ kd_weight * KD + iou_weight * IoU-MSE`."
     dice_weight: float = 1.0  # Dice loss against the ground truth
     ce_weight: float = 1.0  # binary cross-entropy against the ground truth
@@ -39,15 +39,6 @@ class LossConfig:
             setattr(self, f.name, float(v))
         # the multimask rule picks the mask with the lowest segmentation loss, which needs a segmentation loss
         if self.dice_weight + self.ce_weight == 0: raise AmalgamError("LossConfig: dice_weight and ce_weight are both 0; at least one must be positive")
-
-    def to_dict(self) -> dict:
-        "Plain JSON-ready values."
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "LossConfig":
-        "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        return cls(**fields_from_dict(cls, d))
 
 # %% ../nbs/09_losses.ipynb
 def _check_pair(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:

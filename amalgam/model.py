@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .amalgamation import AmalgamationLayer
-from .config import AmalgamError, fields_from_dict, write_json
+from .config import AmalgamError, DictConfig, write_json
 from .experts import ExpertBank
 from .foundation import Foundation, LoadReport, load_pretrained
 from .prompts import MaskDecoder, PromptEncoder, Prompts
@@ -27,7 +27,7 @@ __all__ = ['KA2ERConfig', 'zscore', 'KA2EROutput', 'KA2ER', 'build_model', 'expe
 
 # %% ../nbs/07_model.ipynb
 @dataclass
-class KA2ERConfig:
+class KA2ERConfig(DictConfig):
     "Everything that determines a KA²ER model's architecture and initialisation (experts are given separately, as an `ExpertBank`)."
     spatial_dims: int = 3  # 2 or 3
     in_channels: int = 1  # image channels (the experts must take the same)
@@ -77,17 +77,6 @@ class KA2ERConfig:
     def class_names(self) -> list[str]:
         "The class vocabulary: `task:class` in task order, then class order; the index of a name is its class-token index."
         return [f"{t}:{c}" for t, cs in self.tasks.items() for c in cs]
-
-    def to_dict(self) -> dict:
-        "Plain JSON-ready values."
-        d = dataclasses.asdict(self)
-        d["scales"] = list(self.scales)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "KA2ERConfig":
-        "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        return cls(**fields_from_dict(cls, d))
 
     def save(self, path: str | os.PathLike) -> Path:
         "Write the config as JSON (atomically)."

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import AmalgamError, fields_from_dict, atomic_path, atomic_write, rng, seed_everything, sha256_file, write_json
+from .config import AmalgamError, DictConfig, atomic_path, atomic_write, rng, seed_everything, sha256_file, write_json
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_probability
@@ -42,7 +42,7 @@ _AMP_MODES = ("auto", "bf16", "off")
 _SCHEDULES = ("cosine", "poly")
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     "How the trainable parts of KA²ER are optimised (the model, data and loss have their own configs)."
     steps: int = 200  # optimizer steps (each on one global batch of `DataConfig.batch_size` elements)
     lr: float = 3e-4  # peak learning rate, reached at the end of warm-up
@@ -77,15 +77,6 @@ class TrainConfig:
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed: expected a non-negative integer, got {self.seed!r}")
         try: torch.device(self.device)
         except RuntimeError: need(False, f"device: {self.device!r} is not a torch device")
-
-    def to_dict(self) -> dict:
-        "Plain JSON-ready values."
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "TrainConfig":
-        "Inverse of `to_dict`; unknown keys are errors (with a did-you-mean hint)."
-        return cls(**fields_from_dict(cls, d))
 
 # %% ../nbs/11_train.ipynb
 def lr_factor(step: int, config: TrainConfig) -> float:
