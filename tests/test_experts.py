@@ -43,10 +43,6 @@ def make_raw_dataset(raw: Path, dataset_id: int = 990, n_train: int = 8, n_test:
     return d
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
@@ -107,8 +103,10 @@ def test_feature_shapes_and_strides(trained):
 
 def test_expert_agrees_with_nnunet_predictor(trained, tmp_path, monkeypatch):
     """nnU-Net's own nnUNetPredictor and Expert.segment_image give the same masks on held-out cases: at least 99.9 % of voxels
-    agree and Dice >= 0.98 per label. Not exact: amalgam normalises in torch, nnU-Net in NumPy, and the last-bit rounding
-    differences flip voxels where a barely trained smoke expert's logits are almost tied (seen: Dice 0.9899 on one label)."""
+    agree, and every voxel where they differ is one nnU-Net itself is undecided about (its two most likely classes within
+    0.02 of each other). Not exact: amalgam normalises in torch, nnU-Net in NumPy, and the last-bit rounding differences
+    flip near-tied voxels of a barely trained smoke expert; on a small structure a handful of such voxels can move its
+    Dice a lot (seen: 0.82), which is why agreement is judged by nnU-Net's own margin rather than by a Dice threshold."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     raw, paths = trained["raw"], NnUNetPaths.under(trained["ws"])
     monkeypatch.setenv("nnUNet_extTrainer", str(paths.trainers))  # how nnU-Net finds the smoke trainer named in the checkpoint
@@ -118,7 +116,7 @@ def test_expert_agrees_with_nnunet_predictor(trained, tmp_path, monkeypatch):
     predictor.initialize_from_trained_model_folder(str(trained["model"]), use_folds=(0,))
     out = tmp_path / "pred"
     out.mkdir()
-    predictor.predict_from_files_sequential([[str(c)] for c in cases], str(out), save_probabilities=False, overwrite=True)
+    predictor.predict_from_files_sequential([[str(c)] for c in cases], str(out), save_probabilities=True, overwrite=True)
     expert = Expert.from_folder(trained["model"])
     for image_file in cases:
         cid = image_file.name.replace("_0000.nii.gz", "")
@@ -128,8 +126,11 @@ def test_expert_agrees_with_nnunet_predictor(trained, tmp_path, monkeypatch):
         assert ours.shape == theirs.shape
         assert (theirs > 0).any()  # agreement on an empty prediction would prove nothing
         assert (ours == theirs).mean() >= 0.999, (cid, (ours != theirs).sum())
-        for v in (1, 2):
-            if (theirs == v).any() or (ours == v).any(): assert dice(ours == v, theirs == v) >= 0.98, (cid, v)
+        probs = np.load(out / f"{cid}.npz")["probabilities"].transpose(0, 3, 2, 1)  # z, y, x like the reader -> x, y, z
+        assert np.array_equal(probs.argmax(0), theirs)  # nnU-Net's mask is the argmax of these probabilities
+        top2 = np.sort(probs, axis=0)[-2:]
+        margin = (top2[1] - top2[0])[ours != theirs]
+        assert margin.size == 0 or margin.max() < 0.02, (cid, margin.max())
 
 
 def test_bank_of_trained_and_tiny_experts(trained):
