@@ -25,9 +25,8 @@ from .manifests import Manifest, datalist, load_manifest, nnunet_raw_dir
 from .prompts import Prompts
 
 # %% auto 0
-__all__ = ['PROMPT_MODES', 'MAX_LOCATIONS', 'SCALE_RANGE', 'SHIFT_STD', 'NOISE_PROB', 'NOISE_STD', 'DataConfig', 'task_classes',
-           'class_index', 'MultiTaskDataset', 'sample_points', 'box_from_mask', 'corrective_click', 'center_click',
-           'Batch', 'BatchStream']
+__all__ = ['PROMPT_MODES', 'MAX_LOCATIONS', 'DataConfig', 'task_classes', 'class_index', 'MultiTaskDataset', 'sample_points',
+           'box_from_mask', 'corrective_click', 'center_click', 'Batch', 'BatchStream']
 
 # %% ../nbs/08_data.ipynb
 PROMPT_MODES = ("auto", "box", "points")
@@ -49,8 +48,10 @@ class DataConfig(DictConfig):
     orientation: str | None = "RAS"  # MONAI axcodes every volume is reoriented to (None: keep the file's voxel order)
     pixdim: dict[str, list[float]] | None = None  # task -> working spacing in mm (tensor axis order); missing tasks keep their native spacing
     batch_size: int = 4  # global batch size (split across ranks)
-    pos_fraction: float = 0.67  # probability that an auto-mode patch is centred on a voxel of its class
-    augment: bool = True  # flips, in-plane 90° rotations, intensity scale/shift, Gaussian noise
+    # probability that an auto-mode patch is centred on a voxel of its class (else anywhere); nnU-Net's foreground
+    # oversampling. Automatic mode is scored on whole volumes, mostly background, so it must also see empty patches.
+    pos_fraction: float = 0.33
+    augment: bool = True  # flips and in-plane 90° rotations (intensities are left as the experts were trained on them)
     prompt_modes: dict[str, float] = field(default_factory=lambda: {"auto": 0.4, "box": 0.3, "points": 0.3})  # batch prompt-mode probabilities (normalised)
     max_points: int = 3  # clicks per element in points mode (1..max_points, at least one positive)
     box_jitter: float = 0.1  # each box edge moves outward by up to this fraction of the box size (MedSAM)
@@ -131,7 +132,6 @@ class _Case:
     label_path: str
     locations: dict  # class value -> n x 3 int32 voxel indices (tensor axis order)
     channel_min: np.ndarray  # per channel: the value patches are padded with
-    channel_std: np.ndarray  # per channel: the unit of the intensity augmentation
 
     @property
     def spacing(self) -> tuple: return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
@@ -200,7 +200,7 @@ def _load_case(entry: dict, labels: Mapping[str, int], resample: Compose) -> _Ca
     flat = image.reshape(image.shape[0], -1)
     return _Case(entry["task"], entry["case_id"], image, lab, affine, list(entry["images"]), entry["label"],
                  _class_locations(lab[0].numpy(), sorted(v for v in labels.values() if v != 0)),
-                 flat.amin(1).numpy(), flat.std(1).clamp_min(1e-6).numpy())
+                 flat.amin(1).numpy())
 
 # %% ../nbs/08_data.ipynb
 class MultiTaskDataset:
@@ -313,6 +313,7 @@ class Batch:
     class_name: list  # B "task:class"
     class_value: list  # B label values of the prompted class
     case_id: list  # B case ids
+    case_index: list  # B indices of the cases in the dataset (for per-volume statistics)
     prompts: Prompts
     mode: str  # "auto" | "box" | "points"
 
@@ -324,10 +325,6 @@ class Batch:
                                    prompts=self.prompts.to(device))
 
 # %% ../nbs/08_data.ipynb
-SCALE_RANGE = (0.9, 1.1)  # intensity multiplier
-SHIFT_STD = 0.1  # maximal intensity shift, in units of the case's channel standard deviation
-NOISE_PROB, NOISE_STD = 0.15, 0.1  # Gaussian noise: probability and maximal sigma (channel standard deviations)
-
 def _window(size: int, patch: int, centre: int | None, g: np.random.Generator) -> int:
     "Start of a `patch`-long window on an axis of `size` voxels: centred on `centre` (or uniform), shifted to stay inside (or to cover a smaller image)."
     lo, hi = min(0, size - patch), max(0, size - patch)
@@ -394,19 +391,22 @@ class BatchStream:
         return Batch(image=torch.from_numpy(np.stack([e["image"] for e in elems])), label=label.long(),
                      target=(label == values).float(), task=[e["task"] for e in elems],
                      class_name=[e["class_name"] for e in elems], class_value=[e["class_value"] for e in elems],
-                     case_id=[e["case_id"] for e in elems], prompts=prompts, mode=mode)
+                     case_id=[e["case_id"] for e in elems], case_index=[e["case_index"] for e in elems],
+                     prompts=prompts, mode=mode)
 
     def _element(self, step: int, i: int, mode: str) -> dict:
         cfg, g = self.config, rng(self.seed, "element", step, i)
         task = self.task_of(step * cfg.batch_size + i)
-        case = self.dataset._cases[self._cases[task][int(g.integers(len(self._cases[task])))]]
+        index = self._cases[task][int(g.integers(len(self._cases[task])))]
+        case = self.dataset._cases[index]
         value = sorted(case.locations)[int(g.integers(len(case.locations)))]
         positive = mode != "auto" or g.random() < cfg.pos_fraction
         centre = case.locations[value][int(g.integers(len(case.locations[value])))] if positive else None
         image, label = self._patch(case, centre, g)
         if cfg.augment: image, label = self._augment(case, image, label, g)
         target = label == value
-        out = dict(task=task, case_id=case.case_id, class_value=int(value), class_name=self._names[task][value], image=image, label=label)
+        out = dict(task=task, case_id=case.case_id, case_index=index, class_value=int(value),
+                   class_name=self._names[task][value], image=image, label=label)
         if mode == "box": out["box"] = box_from_mask(target, cfg.box_jitter, g)
         elif mode == "points": out["points"], out["point_labels"] = self._points(target, g)
         return out
@@ -429,13 +429,6 @@ class BatchStream:
         square = label.shape[-1] == label.shape[-2] and math.isclose(case.spacing[-1], case.spacing[-2], rel_tol=0.1)
         k = int(g.integers(4)) if square else 0
         if k: image, label = np.rot90(image, k, axes=(-2, -1)), np.rot90(label, k, axes=(-2, -1))
-        c = image.shape[0]
-        std = case.channel_std.reshape(c, *(1,) * d).astype(np.float32)
-        scale = g.uniform(*SCALE_RANGE, size=c).astype(np.float32).reshape(std.shape)
-        shift = g.uniform(-SHIFT_STD, SHIFT_STD, size=c).astype(np.float32).reshape(std.shape) * std
-        image = image * scale + shift
-        if g.random() < NOISE_PROB:
-            image += g.standard_normal(image.shape, dtype=np.float32) * (g.uniform(0, NOISE_STD) * std)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
     def _points(self, target: np.ndarray, g: np.random.Generator) -> tuple[Tensor, Tensor]:
