@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .config import AmalgamError, DictConfig
 
 # %% auto 0
-__all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'distillation_loss', 'iou_targets', 'KA2ERLoss']
+__all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'teacher_confidence', 'distillation_loss', 'iou_targets',
+           'KA2ERLoss']
 
 # %% ../nbs/09_losses.ipynb
 @dataclass
@@ -27,15 +28,18 @@ class LossConfig(DictConfig):
     ce_weight: float = 1.0  # binary cross-entropy against the ground truth
     kd_weight: float = 0.5  # distillation from the task's expert (0 turns it off)
     kd_temperature: float = 2.0  # softens teacher and student alike; KD is scaled by T^2 (Hinton et al.)
+    # distil only voxels where the teacher's top class probability (at T = 1) reaches this (0: every voxel)
+    kd_confidence: float = 0.0
     iou_weight: float = 1.0  # MSE of the IoU head against the IoU the mask really has
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)): raise AmalgamError(f"LossConfig.{f.name}: expected a number, got {v!r}")
-            if f.name == "kd_temperature":
-                if not v > 0: raise AmalgamError(f"LossConfig.kd_temperature: must be > 0, got {v!r}")
-            elif not v >= 0: raise AmalgamError(f"LossConfig.{f.name}: must be >= 0, got {v!r}")
+            if f.name == "kd_temperature": ok, want = v > 0, "> 0"
+            elif f.name == "kd_confidence": ok, want = 0 <= v <= 1, "in [0, 1]"
+            else: ok, want = v >= 0, ">= 0"
+            if not ok: raise AmalgamError(f"LossConfig.{f.name}: must be {want}, got {v!r}")
             setattr(self, f.name, float(v))
         # the multimask rule picks the mask with the lowest segmentation loss, which needs a segmentation loss
         if self.dice_weight + self.ce_weight == 0: raise AmalgamError("LossConfig: dice_weight and ce_weight are both 0; at least one must be positive")
@@ -68,24 +72,37 @@ def segmentation_loss(logits: Tensor,  # B x 1 x *spatial mask logits
 
 # %% ../nbs/09_losses.ipynb
 def teacher_probability(expert_logits: Tensor,  # B x K x *spatial logits of the task's expert
-                        class_value: Sequence[int],  # per sample, the prompted class's label value (= the expert's output channel)
+                        channels: Sequence[int],  # per sample, the expert's output channel of the prompted class
                         temperature: float = 1.0) -> Tensor:
-    "softmax(expert_logits / T)[class_value] per sample: the teacher's foreground probability, B x 1 x *spatial float32 (no grad)."
-    if expert_logits.ndim not in (4, 5): raise AmalgamError(f"expert_logits: expected B x K x *spatial with 2 or 3 spatial dims, got shape {tuple(expert_logits.shape)}")
+    """softmax(expert_logits / T)[channel] per sample: the teacher's foreground probability, B x 1 x *spatial float32
+    (no grad). The caller maps label values to channels (see `amalgam.train.teacher_targets`)."""
+    if expert_logits.ndim not in (4, 5):
+        raise AmalgamError(f"expert_logits: expected B x K x *spatial with 2 or 3 spatial dims, "
+                           f"got shape {tuple(expert_logits.shape)}")
     B, K = expert_logits.shape[:2]
-    if len(class_value) != B: raise AmalgamError(f"class_value: expected {B} values (one per sample), got {len(class_value)}")
-    bad = [int(v) for v in class_value if not 0 < int(v) < K]
-    if bad: raise AmalgamError(f"class_value: {bad} not a foreground channel of the expert's {K} outputs (1..{K - 1})")
+    if len(channels) != B: raise AmalgamError(f"channels: expected {B} values (one per sample), got {len(channels)}")
+    bad = [int(v) for v in channels if not 0 < int(v) < K]
+    if bad: raise AmalgamError(f"channels: {bad} not a foreground channel of the expert's {K} outputs (1..{K - 1})")
     if not temperature > 0: raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
-    idx = torch.as_tensor([int(v) for v in class_value], device=expert_logits.device)
+    idx = torch.as_tensor([int(v) for v in channels], device=expert_logits.device)
     with torch.no_grad(), _no_autocast(expert_logits):
         prob = torch.softmax(expert_logits.float() / temperature, dim=1)
         return prob[torch.arange(B, device=prob.device), idx].unsqueeze(1)
 
+def teacher_confidence(expert_logits: Tensor,  # B x K x *spatial logits of the task's expert
+                       threshold: float) -> Tensor:
+    "B x 1 x *spatial float32 {0, 1}: where the expert's top class probability (T = 1) is at least `threshold` (no grad)."
+    with torch.no_grad(), _no_autocast(expert_logits):
+        top = torch.softmax(expert_logits.float(), dim=1).amax(1, keepdim=True)
+        return (top >= threshold).float()
+
 def distillation_loss(logits: Tensor,  # B x 1 x *spatial student mask logits
                       teacher_prob: Tensor,  # B x 1 x *spatial teacher foreground probability (already at temperature T)
-                      temperature: float = 2.0) -> Tensor:
-    "Per-sample T² · mean over voxels of KL(Bernoulli(teacher_prob) ‖ Bernoulli(sigmoid(logits / T))), float32, shape `B`."
+                      temperature: float = 2.0,
+                      weight: Tensor | None = None,  # B x 1 x *spatial voxel weights in [0, 1] (e.g. `teacher_confidence`)
+                      ) -> Tensor:
+    """Per-sample T² · mean over voxels of KL(Bernoulli(teacher_prob) ‖ Bernoulli(sigmoid(logits / T))), float32, shape `B`;
+    with `weight`, the weighted mean (a sample whose weights are all 0 gets 0)."""
     _check_pair(logits, teacher_prob, "logits", "teacher_prob")
     if not temperature > 0: raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
     with _no_autocast(logits):
@@ -94,7 +111,10 @@ def distillation_loss(logits: Tensor,  # B x 1 x *spatial student mask logits
         cross = F.binary_cross_entropy_with_logits(z, p, reduction="none")
         neg_entropy = torch.xlogy(p, p) + torch.xlogy(1 - p, 1 - p)
         kl = cross + neg_entropy
-    return temperature**2 * kl.flatten(1).mean(1)
+        if weight is None: return temperature**2 * kl.flatten(1).mean(1)
+        _check_pair(logits, weight, "logits", "weight")
+        w = weight.float().flatten(1)
+        return temperature**2 * (kl.flatten(1) * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 # %% ../nbs/09_losses.ipynb
 def iou_targets(logits: Tensor,  # B x M x *spatial mask logits
@@ -121,6 +141,7 @@ class KA2ERLoss(nn.Module):
                 target: Tensor,  # B x 1 x *spatial binary ground truth of the prompted class
                 teacher_prob: Tensor | None = None,  # B x 1 x *spatial teacher probability at `kd_temperature` (see `teacher_probability`)
                 has_teacher: Tensor | None = None,  # B bool: which samples have a teacher (default: all, when teacher_prob is given)
+                teacher_weight: Tensor | None = None,  # B x 1 x *spatial: voxels to distil (see `teacher_confidence`)
                 ) -> dict:
         "dict(loss: float32 scalar to backpropagate; seg, kd, iou: its float32 parts, detached for logging; mask_index: LongTensor B, the mask trained per sample)."
         c = self.config
@@ -135,7 +156,7 @@ class KA2ERLoss(nn.Module):
         kd = seg.new_zeros(())
         if teacher_prob is not None and c.kd_weight > 0:
             chosen = masks[rows, mask_index].unsqueeze(1)
-            kd_each = distillation_loss(chosen, teacher_prob, c.kd_temperature)
+            kd_each = distillation_loss(chosen, teacher_prob, c.kd_temperature, teacher_weight)
             if has_teacher is None: kd = kd_each.mean()
             else:
                 has_teacher = torch.as_tensor(has_teacher, dtype=torch.bool, device=masks.device)

@@ -90,8 +90,8 @@ def test_teacher_probability_is_the_softened_class_channel():
     # a higher temperature pulls the probabilities towards uniform (1 / K)
     sharp, soft = teacher_probability(logits, [1, 1, 1], 0.5), teacher_probability(logits, [1, 1, 1], 10.0)
     assert (soft - 0.25).abs().mean() < (sharp - 0.25).abs().mean()
-    with pytest.raises(AmalgamError, match="class_value: expected 3 values"): teacher_probability(logits, [1, 2], 1.0)
-    with pytest.raises(AmalgamError, match=r"class_value: \[4\] not a foreground channel"): teacher_probability(logits, [1, 4, 2], 1.0)
+    with pytest.raises(AmalgamError, match="channels: expected 3 values"): teacher_probability(logits, [1, 2], 1.0)
+    with pytest.raises(AmalgamError, match=r"channels: \[4\] not a foreground channel"): teacher_probability(logits, [1, 4, 2], 1.0)
     with pytest.raises(AmalgamError, match="temperature: must be > 0"): teacher_probability(logits, [1, 1, 1], 0.0)
 
 
@@ -219,3 +219,18 @@ def test_ka2er_loss_shape_errors():
     with pytest.raises(AmalgamError, match="iou: expected shape"): loss(masks, torch.zeros(2, 2), t)
     with pytest.raises(AmalgamError, match="target: expected shape"): loss(masks, torch.zeros(2, 3), t[:, :, :-1])
     with pytest.raises(AmalgamError, match="teacher_prob: expected shape"): loss(masks, torch.zeros(2, 3), t, teacher_prob=t[:1])
+
+
+def test_kd_only_where_the_teacher_is_confident():
+    with pytest.raises(AmalgamError, match="kd_confidence: must be in"): LossConfig(kd_confidence=1.5)
+    t = torch.zeros(2, 1, 8, 8); t[:, :, 2:6, 2:6] = 1
+    masks, iou, teacher = torch.randn(2, 3, 8, 8), torch.rand(2, 3), torch.full((2, 1, 8, 8), 0.3)
+    loss = KA2ERLoss(LossConfig(kd_weight=1.0))
+    # nowhere confident: nothing to distil; everywhere: the plain loss
+    assert loss(masks, iou, t, teacher_prob=teacher, teacher_weight=torch.zeros_like(t))["kd"] == 0
+    torch.testing.assert_close(loss(masks, iou, t, teacher_prob=teacher, teacher_weight=torch.ones_like(t))["kd"],
+                               loss(masks, iou, t, teacher_prob=teacher)["kd"])
+    # an unsure teacher (flat logits) is masked out where a sure one is kept
+    from amalgam.losses import teacher_confidence
+    logits = torch.zeros(1, 3, 4, 4); logits[0, 1, :2] = 8.0
+    assert teacher_confidence(logits, 0.9)[0, 0, :2].eq(1).all() and teacher_confidence(logits, 0.9)[0, 0, 2:].eq(0).all()
