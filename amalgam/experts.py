@@ -24,7 +24,7 @@ import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask, crop_to_nonzero
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization, NoNormalization, ZScoreNormalization
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -236,23 +236,28 @@ def _normalizer_classes(schemes: Sequence[str]) -> list[type]:
 
 _EPS = 1e-8  # nnU-Net's epsilon for float32 normalisation
 
-def _torch_normalize(norm, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    "nnU-Net's `norm.run` for one channel of a batch `B x *spatial` in torch on `x`'s device; `None` for a scheme not ported here."
+def _torch_normalize(norm, x: torch.Tensor, mask: torch.Tensor | None,
+                     stats: torch.Tensor | None = None) -> torch.Tensor | None:
+    """nnU-Net's `norm.run` for one channel of a batch `B x *spatial` in torch on `x`'s device; `None` for a scheme
+    not ported here. `stats` (`B x 2`: mean, std per element) replace a z-score's own statistics of each element."""
     kind, dims = type(norm), tuple(range(1, x.ndim))
     if kind is CTNormalization:
         p = norm.intensityproperties
         return (x.clamp(p["percentile_00_5"], p["percentile_99_5"]) - p["mean"]) / max(p["std"], _EPS)
     if kind is NoNormalization: return x
     if kind is not ZScoreNormalization: return None
-    if not norm.use_mask_for_norm:
-        mean = x.mean(dims, keepdim=True)
-        return (x - mean) / x.std(dims, keepdim=True, correction=0).clamp_min(_EPS)
-    # statistics inside the nonzero mask only; voxels outside it keep their values, as nnU-Net leaves them
-    m = mask.to(x.dtype)
-    n = m.sum(dims, keepdim=True)
-    mean = (x * m).sum(dims, keepdim=True) / n
-    std = ((((x - mean) * m) ** 2).sum(dims, keepdim=True) / n).sqrt()
-    return torch.where(mask, (x - mean) / std.clamp_min(_EPS), x)
+    if stats is not None:
+        mean, std = (s.to(x).reshape(-1, *[1] * len(dims)) for s in stats.unbind(-1))
+    elif not norm.use_mask_for_norm:
+        mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True, correction=0)
+    else:  # statistics inside the nonzero mask only
+        m = mask.to(x.dtype)
+        n = m.sum(dims, keepdim=True)
+        mean = (x * m).sum(dims, keepdim=True) / n
+        std = ((((x - mean) * m) ** 2).sum(dims, keepdim=True) / n).sqrt()
+    y = (x - mean) / std.clamp_min(_EPS)
+    # voxels outside the nonzero mask keep their values, as nnU-Net leaves them
+    return torch.where(mask, y, x) if norm.use_mask_for_norm else y
 
 class Expert:
     """A frozen nnU-Net v2 network with its plans: nnU-Net's normalisation, encoder features and logits.
@@ -310,12 +315,47 @@ class Expert:
         if x.shape[1] != self.in_channels:
             raise AmalgamError(f"{where}: {what} expects {self.in_channels} channel(s) {self.channel_names}, got {x.shape[1]} (shape {tuple(x.shape)})")
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        "nnU-Net's intensity normalisation of this expert, per sample and channel, of a `B x C x *spatial` batch (2D experts also take whole volumes); float32 on `x`'s device."
-        self._check(x, "normalize", spatial=(self.spatial_dims, 3))
-        return self._normalize(x)
+    def _check_stats(self, x: torch.Tensor, stats: torch.Tensor | None, normalized: bool, what: str) -> None:
+        if stats is None: return
+        where = str(self.source or self.name)
+        if normalized:
+            raise AmalgamError(f"{where}: {what}: stats given for a batch marked normalized=True (drop one of them)")
+        if not isinstance(stats, torch.Tensor) or tuple(stats.shape) != (len(x), self.in_channels, 2):
+            got = tuple(stats.shape) if isinstance(stats, torch.Tensor) else type(stats).__name__
+            raise AmalgamError(f"{where}: {what}: stats must be a tensor B x C x 2 = {(len(x), self.in_channels, 2)} "
+                               f"(one volume_stats row per batch element), got {got}")
+        if not torch.isfinite(stats).all(): raise AmalgamError(f"{where}: {what}: stats hold non-finite values")
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def volume_stats(self, volume: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Per channel the (mean, std) nnU-Net's preprocessing z-scores this whole case with: `C x 2` float32 on the
+        CPU, for `stats=` of `normalize` / `encode` / `features` / `predict`, so that a patch is normalised as the
+        expert's training data was. `volume`: one whole case `C x *spatial` (3D, raw intensities, any axis order; 3D
+        for a 2D expert too). As nnU-Net's `DefaultPreprocessor` does for a case without its label: `crop_to_nonzero`,
+        then mean and std (NumPy, float32, as `ZScoreNormalization.run`) of the crop, or of the nonzero mask inside it
+        where the channel's `use_mask_for_norm`. Every channel gets its row computed that way; channels whose scheme
+        ignores it (CT, NoNormalization) do not use it. A channel with an empty selection (an all-zero case) gets
+        (0, 0)."""
+        v = torch.as_tensor(volume).detach().cpu().float().numpy()
+        if v.ndim != 4 or v.shape[0] != self.in_channels:
+            raise AmalgamError(f"{self.source or self.name}: volume_stats expects one whole case C x X x Y x Z with "
+                               f"C = {self.in_channels}, got shape {tuple(v.shape)}")
+        data, seg, _ = crop_to_nonzero(v)
+        inside = seg[0] >= 0
+        rows = []
+        for c, norm in enumerate(self._normalizers):
+            values = data[c][inside] if norm.use_mask_for_norm else data[c]
+            rows.append((values.mean(), values.std()) if values.size else (0.0, 0.0))
+        return torch.tensor(np.asarray(rows, dtype=np.float32))
+
+    def normalize(self, x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """nnU-Net's intensity normalisation of this expert, per sample and channel, of a `B x C x *spatial` batch
+        (2D experts also take whole volumes); float32 on `x`'s device. `stats` (`B x C x 2`, rows of `volume_stats`):
+        the z-score statistics of each element's whole case, used instead of the element's own."""
+        self._check(x, "normalize", spatial=(self.spatial_dims, 3))
+        self._check_stats(x, stats, False, "normalize")
+        return self._normalize(x, stats)
+
+    def _normalize(self, x: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
         x = x.detach().float()
         mask = None
         if any(n.use_mask_for_norm for n in self._normalizers):
@@ -324,7 +364,7 @@ class Expert:
             mask = torch.from_numpy(np.stack([create_nonzero_mask(m[None]) for m in nonzero])).to(x.device)
         out = torch.empty_like(x)
         for c, norm in enumerate(self._normalizers):
-            y = _torch_normalize(norm, x[:, c], mask)
+            y = _torch_normalize(norm, x[:, c], mask, None if stats is None else stats[:, c])
             if y is None:  # a scheme without a torch port: nnU-Net's class, sample by sample, in NumPy
                 seg = None if mask is None else np.where(mask.cpu().numpy(), 0, -1).astype(np.int8)
                 y = torch.stack([torch.from_numpy(norm.run(x[b, c].cpu().numpy().copy(), None if seg is None else seg[b]))
@@ -342,24 +382,26 @@ class Expert:
             raise AmalgamError(f"{self.source or self.name}: {what} needs spatial sizes divisible by the network's total stride {total}, "
                                f"got {tuple(x.shape[2:])}; pad the patch or use segment_image")
 
-    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Sequence[int] = False
-               ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Sequence[int] = False,
+               stats: torch.Tensor | None = None) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) of a batch, normalised first
         unless `normalized`; with `logits=True` also the logits `B x num_classes x *spatial` (float32) from nnU-Net's decoder on
         those same features, so features and a distillation target cost one encoder pass. `logits` may instead be a list of batch
         indices: the decoder then runs on those elements only and returns their logits in that order (`len x num_classes x *spatial`;
         an empty list runs no decoder). Features are in the network's compute dtype (bf16 under `amp`), on the expert's device,
-        without autograd history."""
-        return self._encode(x, normalized, logits, "encode")
+        without autograd history. `stats`: whole-case z-score statistics per element, as in `normalize`."""
+        return self._encode(x, normalized, logits, "encode", stats)
 
-    def _encode(self, x: torch.Tensor, normalized: bool, logits: bool | Sequence[int], what: str):
+    def _encode(self, x: torch.Tensor, normalized: bool, logits: bool | Sequence[int], what: str,
+                stats: torch.Tensor | None = None):
         self._check(x, what)
+        self._check_stats(x, stats, normalized, what)
         rows = None if isinstance(logits, bool) else [int(i) for i in logits]
         if rows is not None and any(not 0 <= i < len(x) for i in rows):
             raise AmalgamError(f"{self.source or self.name}: {what}: logits asked for batch elements {rows} of a batch of {len(x)}")
         if logits is True or rows: self._check_divisible(x, f"{what}(logits=True)")
         x = x.to(self.device)
-        if not normalized: x = self._normalize(x)
+        if not normalized: x = self._normalize(x, stats)
         # no_grad rather than inference_mode: the outputs must be ordinary tensors that trainable modules can save for backward
         with torch.no_grad(), self._autocast():
             skips = self.network.encoder(x)
@@ -369,16 +411,19 @@ class Expert:
             idx = torch.tensor(rows, device=x.device)
             return skips, self.network.decoder([s.index_select(0, idx) for s in skips]).float()
 
-    def features(self, x: torch.Tensor, normalized: bool = False) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, normalized: bool = False,
+                 stats: torch.Tensor | None = None) -> list[torch.Tensor]:
         "Every encoder stage's feature map for a batch (`encode` without logits)."
-        return self._encode(x, normalized, False, "features")
+        return self._encode(x, normalized, False, "features", stats)
 
-    def predict(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        "Logits `B x num_classes x *spatial` (float32) for a batch whose spatial size is a multiple of the network's total stride."
+    def predict(self, x: torch.Tensor, normalized: bool = False, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `B x num_classes x *spatial` (float32) for a batch whose spatial size is a multiple of the network's
+        total stride; `stats` as in `normalize`."""
         self._check(x, "predict")
         self._check_divisible(x, "predict")
+        self._check_stats(x, stats, normalized, "predict")
         x = x.to(self.device)
-        if not normalized: x = self._normalize(x)
+        if not normalized: x = self._normalize(x, stats)
         with torch.no_grad(), self._autocast(): return self.network(x).float()
 
 # %% ../nbs/03_experts.ipynb
@@ -593,22 +638,32 @@ class ExpertBank:
         for e in self: e.to(device)
         return self
 
-    def features(self, x: torch.Tensor, normalized: bool = False) -> dict[str, list[torch.Tensor]]:
-        "Each expert's encoder features for the batch `x` (each expert normalises it its own way unless `normalized`)."
-        return self.encode(x, normalized)
+    def volume_stats(self, volume: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        "Every expert's `Expert.volume_stats` of one whole case `C x *spatial`, by name (`C x 2` each)."
+        return {n: e.volume_stats(volume) for n, e in self._experts.items()}
 
-    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Mapping[str, Sequence[int]] = False
+    def features(self, x: torch.Tensor, normalized: bool = False, stats: Mapping[str, torch.Tensor] | None = None
+                 ) -> dict[str, list[torch.Tensor]]:
+        "Each expert's encoder features for the batch `x` (each expert normalises it its own way unless `normalized`)."
+        return self.encode(x, normalized, stats=stats)
+
+    def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Mapping[str, Sequence[int]] = False,
+               stats: Mapping[str, torch.Tensor] | None = None
                ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
         """`Expert.encode` of every expert: features by name, and with `logits=True` also every expert's logits by name, from one
         pass per expert. `logits={name: batch indices}` asks only the named experts for the logits of only those elements
-        (see `Expert.encode`); the other experts run their encoder alone."""
-        if logits is False: return {n: e.encode(x, normalized) for n, e in self._experts.items()}
+        (see `Expert.encode`); the other experts run their encoder alone. `stats`: `{name: B x C x 2}` whole-case
+        z-score statistics for every expert (stack `volume_stats` rows of each element's case)."""
+        if stats is not None and set(stats) != set(self._experts):
+            raise AmalgamError(f"ExpertBank.encode: stats must name every expert {self.names}, got {sorted(stats)}")
+        st = {n: None if stats is None else stats[n] for n in self._experts}
+        if logits is False: return {n: e.encode(x, normalized, stats=st[n]) for n, e in self._experts.items()}
         if isinstance(logits, Mapping):
             unknown = sorted(set(logits) - set(self._experts))
             if unknown: raise AmalgamError(f"ExpertBank.encode: logits asked of unknown expert(s) {unknown} (have {self.names})")
-            out = {n: e.encode(x, normalized, list(logits[n])) if n in logits else (e.encode(x, normalized), None)
-                   for n, e in self._experts.items()}
-        elif logits is True: out = {n: e.encode(x, normalized, True) for n, e in self._experts.items()}
+            out = {n: e.encode(x, normalized, list(logits[n]), stats=st[n]) if n in logits
+                   else (e.encode(x, normalized, stats=st[n]), None) for n, e in self._experts.items()}
+        elif logits is True: out = {n: e.encode(x, normalized, True, stats=st[n]) for n, e in self._experts.items()}
         else: raise AmalgamError(f"ExpertBank.encode: logits must be True, False or {{expert: batch indices}}, got {logits!r}")
         return {n: f for n, (f, _) in out.items()}, {n: l for n, (_, l) in out.items() if l is not None}
 

@@ -276,3 +276,81 @@ def test_bank_encode_and_amp_flag():
     assert (l16 - logits["a"]).abs().max() < 0.1 * logits["a"].abs().max()
     with pytest.raises(AmalgamError, match="amp: expected"):
         Expert(e.network, e.plans, e.dataset_json, e.configuration, amp="fp8")
+
+
+def _case_with_body(channels: int = 2, seed: int = 0) -> np.ndarray:
+    "A whole MR-like case C x 12 x 34 x 30: zero border, an elliptic body with a bright block, zeros outside the body."
+    g = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.arange(34), np.arange(30), indexing="ij")
+    body = ((yy - 17) / 15) ** 2 + ((xx - 15) / 13) ** 2 <= 1
+    vol = np.zeros((channels, 12, 34, 30), np.float32)
+    for c in range(channels):
+        vol[c][3:11, body] = 150 + 60 * c + g.normal(0, 25, (8, int(body.sum())))
+        vol[c, 3:11, 14:26, 10:22] += 120
+    return vol
+
+
+def _shifted(cut, origin):
+    "The spatial slices `cut` of a case moved into the frame of its nonzero crop starting at `origin`, all channels."
+    return (slice(None), *(slice(s.start - o, s.stop - o) for s, o in zip(cut, origin)))
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_patch_with_volume_stats_equals_nnunet_whole_case_normalization(spatial_dims, use_mask):
+    """A patch cut from a case and normalised with stats=volume_stats(case) is that crop of nnU-Net's own normalisation
+    of the whole case (crop_to_nonzero, then ZScoreNormalization.run per channel, as its DefaultPreprocessor), and not
+    what the patch's own statistics give."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+    expert = tiny_test_expert(spatial_dims, in_channels=2, modality="MR")
+    for n in expert._normalizers: n.use_mask_for_norm = use_mask
+    case = _case_with_body()
+    data, seg, bbox = crop_to_nonzero(case.copy())
+    norm = ZScoreNormalization(use_mask_for_norm=use_mask, intensityproperties={})
+    whole = np.stack([norm.run(data[c].copy(), seg[0]) for c in range(2)])
+    stats = expert.volume_stats(torch.from_numpy(case))
+    assert stats.shape == (2, 2) and stats.dtype == torch.float32
+    lo = [b[0] for b in bbox]
+    if spatial_dims == 2:  # four slices of 16 x 16 reaching outside the body
+        cut = (slice(None), slice(4, 8), slice(4, 20), slice(3, 19))
+        patch = torch.from_numpy(case[cut]).permute(1, 0, 2, 3)
+        theirs = torch.from_numpy(whole[_shifted(cut[1:], lo)]).permute(1, 0, 2, 3)
+    else:  # two windows of 8 x 16 x 16
+        cuts = [(slice(3, 11), slice(4, 20), slice(3, 19)), (slice(3, 11), slice(16, 32), slice(12, 28))]
+        patch = torch.stack([torch.from_numpy(case[(slice(None), *c)]) for c in cuts])
+        theirs = torch.stack([torch.from_numpy(whole[_shifted(c, lo)]) for c in cuts])
+    rows = stats.expand(len(patch), 2, 2)
+    ours = expert.normalize(patch, stats=rows)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (ours - theirs).abs().max()
+    assert (expert.normalize(patch) - theirs).abs().max() > 0.1
+    assert (patch == 0).any()  # the patch reaches outside the body: there the mask rule shows
+    if use_mask: assert torch.equal(ours[patch == 0], patch[patch == 0])
+    else: assert (ours[patch == 0] != 0).all()
+    # the same statistics reach the network through encode / features / predict and through a bank
+    if spatial_dims == 2: patch = torch.nn.functional.pad(patch, (0, 16, 0, 16))
+    feats, logits = expert.encode(patch, logits=True, stats=rows)
+    normalized = expert.normalize(patch, stats=rows)
+    assert torch.equal(feats[0], expert.features(normalized, normalized=True)[0])
+    assert torch.equal(logits, expert.predict(patch, stats=rows))
+    assert not torch.equal(logits, expert.predict(patch))
+    bank = ExpertBank([expert])
+    assert torch.equal(bank.volume_stats(case)[expert.name], stats)
+    assert torch.equal(bank.encode(patch, stats={expert.name: rows})[expert.name][-1], feats[-1])
+
+
+def test_volume_stats_of_ct_and_bad_stats():
+    ct = tiny_test_expert(2, in_channels=1, modality="CT")
+    case = _case_with_body(channels=1)
+    stats = ct.volume_stats(case)
+    assert torch.isfinite(stats).all()  # documented: CT ignores them, but the row is the case's z-score statistics
+    x = torch.from_numpy(case[:, 4:6, :32, :28]).permute(1, 0, 2, 3)
+    assert torch.equal(ct.normalize(x, stats=stats.expand(2, 1, 2)), ct.normalize(x))
+    empty = np.zeros((1, 4, 8, 8), np.float32)
+    assert torch.equal(tiny_test_expert(2, modality="MR").volume_stats(empty), torch.zeros(1, 2))
+    with pytest.raises(AmalgamError, match=r"stats must be a tensor B x C x 2 = \(2, 1, 2\)"):
+        ct.normalize(x, stats=stats)
+    with pytest.raises(AmalgamError, match="non-finite"): ct.normalize(x, stats=torch.full((2, 1, 2), float("nan")))
+    with pytest.raises(AmalgamError, match="volume_stats expects one whole case"): ct.volume_stats(case[0])
+    with pytest.raises(AmalgamError, match="stats must name every expert"):
+        ExpertBank([ct]).features(x, stats={"other": stats.expand(2, 1, 2)})
