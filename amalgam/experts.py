@@ -38,7 +38,7 @@ from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
 __all__ = ['SMOKE_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', 'NNUNET_DEFAULT_FEATURES', 'nnUNetTrainer_AmalgamSmoke',
-           'install_trainers', 'NnUNetPaths', 'train_expert', 'training_summary', 'FeatureSpec',
+           'install_trainers', 'NnUNetPaths', 'manifest_splits', 'train_expert', 'training_summary', 'FeatureSpec',
            'feature_specs_from_plans', 'Expert', 'synthetic_plans', 'tiny_test_expert', 'save_model_folder',
            'read_image', 'ExpertBank']
 
@@ -127,6 +127,21 @@ def _raw_dataset(manifest, paths: NnUNetPaths) -> Path:
     if not isinstance(manifest, Manifest): raise AmalgamError(f"manifest: expected a manifest (YAML path or Manifest) or an nnU-Net raw dataset folder, got {type(manifest).__name__}")
     return Path(materialize(manifest, paths.raw, cache_dir=paths.raw.parent / "sources" / manifest.source["kind"]))
 
+def manifest_splits(manifest: Manifest) -> list[dict]:
+    """nnU-Net's `splits_final.json` content for a manifest: fold 0 trains on the manifest's `train` cases and
+    validates on its `val` cases (nnU-Net identifiers are the case ids, see `materialize`). A manifest without `val`
+    cases validates on its training cases, as nnU-Net's fold `all` does."""
+    train, val = list(manifest.split.get("train", [])), list(manifest.split.get("val", []))
+    if not train:
+        raise AmalgamError(f"{manifest.path}: split has no train cases, so there is nothing to train an expert on")
+    return [{"train": train, "val": val or train}]
+
+def _write_splits(folder: Path, splits: list[dict]) -> None:
+    "Write `splits_final.json` into nnU-Net's preprocessed dataset `folder` unless it already holds these splits."
+    path = folder / "splits_final.json"
+    if path.is_file() and json.loads(path.read_text()) == splits: return
+    write_json(path, splits)
+
 def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: str = SMOKE_TRAINER,
                  device: str | torch.device = "cpu", workspace_dir: str | os.PathLike | None = None,
                  plans: str = "nnUNetPlans", overwrite: bool = False) -> Path:
@@ -136,16 +151,21 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
     `configuration`: an nnU-Net configuration (`2d`, `3d_fullres`, ...). `trainer`: an nnU-Net trainer class name
     (`SMOKE_TRAINER` for the CPU smoke profile, `FULL_TRAINER` for nnU-Net's default). The model folder is
     `<workspace>/nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>` with `fold_<fold>` inside;
-    a fold that already has `checkpoint_final.pth` is kept unless `overwrite`.
+    a fold that already has `checkpoint_final.pth` is kept unless `overwrite`. For a manifest, fold 0 is the manifest's
+    split (`manifest_splits`, written as nnU-Net's `splits_final.json`), so the expert trains on the cases every other
+    method trains on; a raw nnU-Net folder keeps nnU-Net's own splits. Planning and preprocessing use
+    `nnUNet_def_n_proc` worker processes (default 2).
     """
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 0:
         raise AmalgamError(f"fold: expected a non-negative integer, got {fold!r}")
     device = str(torch.device(device).type)
     if device not in ("cpu", "cuda", "mps"): raise AmalgamError(f"device: nnU-Net trains on cpu, cuda or mps, not {device!r}")
     paths = NnUNetPaths.under(workspace_dir)
+    if isinstance(manifest, (str, os.PathLike)) and not Path(manifest).is_dir(): manifest = load_manifest(manifest)
     raw = _raw_dataset(manifest, paths)
     name, dataset_id = raw.name, int(_DATASET_RE.match(raw.name).group(1))
     env = paths.env(nnUNet_raw=raw.parent)
+    n_proc = env["nnUNet_def_n_proc"]
     install_trainers(paths.trainers)
     logs = paths.logs
 
@@ -155,12 +175,14 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=paths.preprocessed) as stage:
             if pre.exists(): shutil.copytree(pre, Path(stage) / name)
             _run_nnunet("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
-                        ["-d", dataset_id, "-c", configuration, "--verify_dataset_integrity"],
+                        ["-d", dataset_id, "-c", configuration, "-np", n_proc, "-npfp", n_proc,
+                         "--verify_dataset_integrity"],
                         {**env, "nnUNet_preprocessed": stage}, logs / f"{name}__{configuration}__preprocess.log",
                         f"nnU-Net planning/preprocessing of {raw}")
             if not _is_preprocessed(Path(stage) / name, plans, configuration):
                 raise AmalgamError(f"{raw}: nnU-Net has no configuration {configuration!r} in plans {plans!r}")
             replace_dir(Path(stage) / name, pre)
+    if isinstance(manifest, Manifest): _write_splits(pre, manifest_splits(manifest))
 
     model = paths.results / name / f"{trainer}__{plans}__{configuration}"
     if (model / f"fold_{fold}" / "checkpoint_final.pth").is_file() and not overwrite: return model
@@ -571,7 +593,9 @@ def read_image(expert: Expert, paths: Sequence[str | os.PathLike]) -> tuple[np.n
     return data.astype(np.float32), tuple(float(s) for s in props["spacing"])
 
 def _sliding_window_logits(self: Expert, data: torch.Tensor, tile_step_size: float = 0.5, batch_size: int = 16) -> torch.Tensor:
-    "Logits `num_classes x *spatial` of a normalised image `C x *spatial` by nnU-Net's sliding window: its zero padding, tile positions and Gaussian weights; tiles run in batches."
+    """Logits `num_classes x *spatial` of a normalised image `C x *spatial` by nnU-Net's sliding window: its zero
+    padding, tile positions and Gaussian weights; tiles run in batches, in the expert's precision (`amp`), as inside
+    KA²ER."""
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a notice for every CPU predictor
         tiler = nnUNetPredictor(tile_step_size=tile_step_size, device=torch.device("cpu"), allow_tqdm=False)
     tiler.configuration_manager = self.configuration_manager
@@ -583,7 +607,8 @@ def _sliding_window_logits(self: Expert, data: torch.Tensor, tile_step_size: flo
     with torch.inference_mode():
         for i in range(0, len(slicers), batch_size):
             chunk = slicers[i:i + batch_size]
-            out = self.network(torch.stack([data[sl] for sl in chunk]).to(self.device)).float() * gaussian
+            with self._autocast(): out = self.network(torch.stack([data[sl] for sl in chunk]).to(self.device))
+            out = out.float() * gaussian
             for sl, o in zip(chunk, out):
                 logits[sl] += o
                 weight[sl[1:]] += gaussian

@@ -59,6 +59,8 @@ def test_training_writes_nnunet_results(trained):
         assert (model / f).is_file(), f
     staging = [p for d in ("preprocessed", "results") for p in (ws / f"nnUNet_{d}").iterdir() if p.name.startswith(".")]
     assert staging == []
+    splits = json.loads((ws / "nnUNet_preprocessed" / "Dataset990_TinyBlobs" / "splits_final.json").read_text())
+    assert len(splits) == 5  # a raw nnU-Net folder keeps nnU-Net's own 5-fold split
     s = training_summary(model)
     assert set(s["dice"]) == {"sphere", "ball"} and all(0 <= v <= 1 for v in s["dice"].values())
     assert len(s["curves"]["train_losses"]) == 2 and len(s["curves"]["epoch_seconds"]) == 2
@@ -354,3 +356,63 @@ def test_volume_stats_of_ct_and_bad_stats():
     with pytest.raises(AmalgamError, match="volume_stats expects one whole case"): ct.volume_stats(case[0])
     with pytest.raises(AmalgamError, match="stats must name every expert"):
         ExpertBank([ct]).features(x, stats={"other": stats.expand(2, 1, 2)})
+
+
+def test_segment_image_runs_in_the_experts_precision():
+    "An expert scored alone by segment_image runs in its own amp, as it does inside KA²ER (bf16 there on an AMX CPU)."
+    expert = tiny_test_expert(2, num_classes=3, seed=2)
+    seen = []
+    hook = expert.network.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    image = np.random.default_rng(0).normal(50, 100, (1, 6, 40, 36)).astype(np.float32)
+    for amp in ("off", "bf16"):
+        expert.amp = amp
+        seen.clear()
+        expert.segment_image(image, (2.0, 1.0, 1.0))
+        assert seen and set(seen) == {torch.float32 if amp == "off" else torch.bfloat16}
+    hook.remove()
+
+
+def test_planning_uses_nnunet_def_n_proc_workers(tmp_path, monkeypatch):
+    "nnUNetv2_plan_and_preprocess gets -np and -npfp from nnUNet_def_n_proc (its own defaults are 8 and 8)."
+    import amalgam.experts as ex
+    calls = []
+
+    def record(module, args, env, log, what):
+        calls.append([str(a) for a in args])
+        raise AmalgamError("stopped after recording the call")
+    monkeypatch.setattr(ex, "_run_nnunet", record)
+    raw = make_raw_dataset(tmp_path / "raw", dataset_id=992, n_train=2, n_test=0, shape=(24, 24, 24))
+    for n_proc, expected in ((None, "2"), ("3", "3")):
+        if n_proc is None: monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
+        else: monkeypatch.setenv("nnUNet_def_n_proc", n_proc)
+        with pytest.raises(AmalgamError, match="stopped after recording"):
+            train_expert(raw, workspace_dir=tmp_path / "ws")
+        args = calls[-1]
+        assert args[args.index("-np") + 1] == expected and args[args.index("-npfp") + 1] == expected
+
+
+def test_manifest_split_is_nnunet_fold_0(tmp_path):
+    """Given a manifest, nnU-Net's fold 0 is the manifest's split (train: its train cases, val: its val cases, named as
+    nnU-Net names the preprocessed cases); a differing splits file is replaced, other files are left alone."""
+    from amalgam.manifests import load_manifest, write_manifest
+    from amalgam.phantoms import phantom_manifest
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    mapping = phantom_manifest("mr_cardiac", n_cases=6, shape=(32, 32, 24), root=tmp_path / "src")
+    manifest = load_manifest(write_manifest(mapping, tmp_path / "mr_cardiac.yaml"))
+    assert all(manifest.split[s] for s in ("train", "val", "test"))
+    ws = tmp_path / "ws"
+    no_trainer = "nnUNetTrainer_NoSuchTrainer"  # stops right after planning, preprocessing and writing the split
+    with pytest.raises(AmalgamError, match="nnU-Net training of"):
+        train_expert(manifest, trainer=no_trainer, workspace_dir=ws)
+    pre = ws / "nnUNet_preprocessed" / manifest.dataset_folder_name
+    expected = [{"train": manifest.split["train"], "val": manifest.split["val"]}]
+    assert json.loads((pre / "splits_final.json").read_text()) == expected
+    data = pre / "nnUNetPlans_2d"
+    identifiers = set(infer_dataset_class(str(data)).get_identifiers(str(data)))
+    assert identifiers == set(manifest.split["train"]) | set(manifest.split["val"])  # test cases are not nnU-Net's
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["x"], "val": ["y"]}] * 5))
+    (pre / "notes.txt").write_text("mine")
+    with pytest.raises(AmalgamError, match="nnU-Net training of"):
+        train_expert(tmp_path / "mr_cardiac.yaml", trainer=no_trainer, workspace_dir=ws)
+    assert json.loads((pre / "splits_final.json").read_text()) == expected
+    assert (pre / "notes.txt").read_text() == "mine"
