@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import yaml
 
@@ -17,10 +18,11 @@ from .config import AmalgamError, manifests_dir, repo_root, workspace
 from .infer import add_predict_parser
 from .manifests import load_manifest, materialize, validate
 from .phantoms import write_phantom_manifests
-from .reports import render_index, run_notebook
+from .reports import check_out_dir, check_parameters, load_params, notebook_parameters, render_index, run_notebook
 
 # %% auto 0
-__all__ = ['DEMO_STEPS', 'DEMO_NOTEBOOKS', 'DEMO_PARAMS', 'parse_param', 'demo_manifests', 'run_demo', 'build_parser', 'main']
+__all__ = ['DEMO_STEPS', 'DEMO_NOTEBOOKS', 'DEMO_PROFILES', 'parse_param', 'DemoProfile', 'demo_manifests', 'demo_plan',
+           'check_demo_plan', 'run_demo', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb
 def parse_param(text: str) -> tuple[str, object]:
@@ -35,36 +37,84 @@ def parse_param(text: str) -> tuple[str, object]:
 DEMO_STEPS = ("data", "experts", "train", "evaluate", "ablations")
 DEMO_NOTEBOOKS = {"data": "data_report.ipynb", "experts": "train_experts.ipynb", "train": "train_amalgam.ipynb",
                   "evaluate": "evaluate.ipynb", "ablations": "ablations.ipynb"}
-DEMO_PARAMS = {"train": "ka2er_smoke.yaml", "evaluate": "ka2er_smoke.yaml", "ablations": "ka2er_smoke.yaml"}  # one recipe for the KA²ER steps
+
+@dataclass(frozen=True)
+class DemoProfile:
+    "A demo profile: a params file per step (others run on their notebook's defaults) and the subfolders it writes to."
+    params: Mapping[str, str]  # step -> params file in nbs/experiments/params/
+    reports: str = ""  # subfolder of the reports folder ("": the folder itself)
+    workspace: str = ""  # subfolder of the workspace ("": the workspace itself)
+
+_KA2ER_STEPS = ("train", "evaluate", "ablations")  # one recipe: the ablations' reference run is the training step's
+DEMO_PROFILES = {
+    "smoke": DemoProfile({s: "ka2er_smoke.yaml" for s in _KA2ER_STEPS}),
+    "proof": DemoProfile({"experts": "train_experts_proof.yaml", **{s: "ka2er_proof.yaml" for s in _KA2ER_STEPS}},
+                         reports="proof", workspace="proof"),
+}
 
 def demo_manifests() -> list[Path]:
     "The embedded benchmark's manifests shipped in `data_manifests/`."
     found = sorted(manifests_dir().glob("phantom_*.yaml"))
-    if not found: raise AmalgamError(f"{manifests_dir()}: no phantom_*.yaml manifests (regenerate them with `amalgam phantoms`)")
+    if not found:
+        raise AmalgamError(f"{manifests_dir()}: no phantom_*.yaml manifests (regenerate them with `amalgam phantoms`)")
     return found
 
-def run_demo(workspace_dir: str | Path | None = None, reports_dir: str | Path | None = None,
-             steps: Sequence[str] = DEMO_STEPS, params: dict | None = None, progress: bool = False) -> dict:
-    "Run the demo's `steps` in order (`params` go to every step's notebook; `progress` shows per-cell progress); returns {step: seconds}."
-    unknown = [s for s in steps if s not in DEMO_STEPS]
-    if unknown: raise AmalgamError(f"demo: unknown step(s) {unknown}; choose from {list(DEMO_STEPS)}")
-    ws = workspace(workspace_dir)
-    root = repo_root() or Path.cwd()
-    reports = Path(reports_dir) if reports_dir is not None else root / "reports"
-    manifests = [str(m) for m in demo_manifests()]
-    timings = {}
+def _reports_root(reports_dir: str | Path | None) -> Path:
+    "The reports folder: `reports_dir`, else `<repo root>/reports`."
+    return Path(reports_dir) if reports_dir is not None else (repo_root() or Path.cwd()) / "reports"
+
+# %% ../nbs/20_cli.ipynb
+def demo_plan(profile: str = "smoke", steps: Sequence[str] = DEMO_STEPS, workspace_dir: str | Path | None = None,
+              reports_dir: str | Path | None = None, params: Mapping | None = None) -> list[dict]:
+    """The demo's `steps` of `profile`, in order: per step its `notebook`, `out_dir`, `parameters`, `params_file`
+    (`run_notebook`'s arguments) and the profile's `workspace`."""
+    unknown = [f"step {s!r}" for s in steps if s not in DEMO_STEPS]
+    if profile not in DEMO_PROFILES: unknown.append(f"profile {profile!r}")
+    if unknown:
+        raise AmalgamError(f"demo: unknown {', '.join(unknown)}; "
+                           f"steps: {list(DEMO_STEPS)}, profiles: {list(DEMO_PROFILES)}")
+    prof, root = DEMO_PROFILES[profile], repo_root() or Path.cwd()
+    ws, reports = workspace(workspace_dir) / prof.workspace, _reports_root(reports_dir) / prof.reports
+    params_dir = root / "nbs" / "experiments" / "params"
+    given = {"manifests": [str(m) for m in demo_manifests()], "workspace": str(ws), **(params or {})}
+    plan = []
     for step in (s for s in DEMO_STEPS if s in steps):
+        notebook = root / "nbs" / "experiments" / DEMO_NOTEBOOKS[step]
+        declared = notebook_parameters(notebook)
+        plan.append({"step": step, "notebook": notebook, "out_dir": reports / step, "workspace": ws,
+                     "parameters": {k: v for k, v in given.items() if k in declared},
+                     "params_file": params_dir / prof.params[step] if step in prof.params else None})
+    unused = [k for k in (params or {}) if not any(k in s["parameters"] for s in plan)]
+    if unused:
+        raise AmalgamError(f"demo: parameter(s) {unused} are declared by none of the steps {[s['step'] for s in plan]}")
+    return plan
+
+def check_demo_plan(plan: Sequence[dict]) -> None:
+    """Check every step before the first one runs: its params file exists, every parameter it would get is declared by
+    its notebook, and its report folder may be written. A typo in a profile stops the demo at once, not hours in."""
+    for s in plan:
+        check_parameters(s["notebook"], [*load_params(s["params_file"], s["parameters"]), "out_dir"])
+        check_out_dir(s["out_dir"], notebook=s["notebook"])
+
+# %% ../nbs/20_cli.ipynb
+def run_demo(workspace_dir: str | Path | None = None, reports_dir: str | Path | None = None,
+             steps: Sequence[str] = DEMO_STEPS, params: Mapping | None = None, progress: bool = False,
+             profile: str = "smoke") -> dict:
+    """Run the demo's `steps` of `profile` in order (`demo_plan`, checked first), then write the reports folder's
+    `index.html` (covering every profile); `progress` shows per-cell progress. Returns {step: seconds}."""
+    plan = demo_plan(profile, steps, workspace_dir, reports_dir, params)
+    check_demo_plan(plan)
+    timings = {}
+    for s in plan:
         t0 = time.time()
-        print(f"demo: {step} step: {DEMO_NOTEBOOKS[step]} -> {reports / step}", flush=True)
-        if step == "data":
-            for m in manifests: materialize(m, ws / "nnUNet_raw", cache_dir=ws / "sources" / "phantom")
-        params_file = root / "nbs" / "experiments" / "params" / DEMO_PARAMS[step] if step in DEMO_PARAMS else None
-        run_notebook(root / "nbs" / "experiments" / DEMO_NOTEBOOKS[step], reports / step,
-                     {"manifests": manifests, "workspace": str(ws), **(params or {})}, params_file=params_file,
-                     progress_bar=progress, index=False)
-        timings[step] = round(time.time() - t0, 1)
-        print(f"demo: {step} step done in {timings[step]} s -> {reports / step / 'report.html'}", flush=True)
-    render_index(reports)
+        print(f"demo ({profile}): {s['step']} step: {s['notebook'].name} -> {s['out_dir']}", flush=True)
+        if s["step"] == "data":
+            ws = s["workspace"]
+            for m in demo_manifests(): materialize(m, ws / "nnUNet_raw", cache_dir=ws / "sources" / "phantom")
+        run_notebook(s["notebook"], s["out_dir"], s["parameters"], params_file=s["params_file"], progress_bar=progress)
+        timings[s["step"]] = round(time.time() - t0, 1)
+        print(f"demo ({profile}): {s['step']} done in {timings[s['step']]} s -> {s['out_dir']}/report.html", flush=True)
+    print(f"demo ({profile}): index -> {render_index(_reports_root(reports_dir))}", flush=True)
     return timings
 
 # %% ../nbs/20_cli.ipynb
@@ -89,22 +139,31 @@ def _phantoms(args) -> int:
 
 def _report(args) -> int:
     params = dict(parse_param(p) for p in args.param)
-    print(run_notebook(args.notebook, args.out_dir, params, params_file=args.params_file, log_output=args.log_output) / "report.html")
+    out = run_notebook(args.notebook, args.out_dir, params, params_file=args.params_file, log_output=args.log_output,
+                       overwrite=args.overwrite)
+    print(out / "report.html")
+    return 0
+
+def _index(args) -> int:
+    print(render_index(_reports_root(args.reports_dir)))
     return 0
 
 def _demo(args) -> int:
-    run_demo(args.workspace, args.reports, steps=args.steps or DEMO_STEPS, progress=True)
+    run_demo(args.workspace, args.reports, steps=args.steps or DEMO_STEPS, progress=True, profile=args.profile)
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
     "The `amalgam` argument parser (one sub-command per job)."
-    ap = argparse.ArgumentParser(prog="amalgam", description="KA2ER: knowledge adaptive amalgamation of nnU-Net experts.")
+    ap = argparse.ArgumentParser(prog="amalgam",
+                                 description="KA2ER: knowledge adaptive amalgamation of nnU-Net experts.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check manifests and their files; report every problem")
-    p.add_argument("manifests", nargs="+"); p.add_argument("--schema-only", action="store_true", help="check the YAML only, not the files")
+    p.add_argument("manifests", nargs="+")
+    p.add_argument("--schema-only", action="store_true", help="check the YAML only, not the files")
     p.set_defaults(fn=_validate)
     p = sub.add_parser("materialize", help="write nnU-Net raw datasets from manifests (atomic, idempotent)")
-    p.add_argument("manifests", nargs="+"); p.add_argument("--nnunet-raw", default=None, help="default: $nnUNet_raw or <workspace>/nnUNet_raw")
+    p.add_argument("manifests", nargs="+")
+    p.add_argument("--nnunet-raw", default=None, help="default: $nnUNet_raw or <workspace>/nnUNet_raw")
     p.add_argument("--overwrite", action="store_true"); p.set_defaults(fn=_materialize)
     p = sub.add_parser("phantoms", help="regenerate the embedded benchmark's manifests")
     p.add_argument("--out", default=None, help="default: the shipped data_manifests/")
@@ -112,12 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cases", type=int, default=None); p.add_argument("--shape", type=int, nargs="+", default=None)
     p.set_defaults(fn=_phantoms)
     p = sub.add_parser("report", help="execute an experiment notebook with papermill and render its report")
-    p.add_argument("notebook"); p.add_argument("out_dir")
+    p.add_argument("notebook"); p.add_argument("out_dir", help="a new or empty folder, or a previous report (replaced)")
     p.add_argument("-f", "--params-file", default=None, help="YAML of parameters (e.g. a GPU profile)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="override one parameter")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous report even if it holds other files")
     p.add_argument("--log-output", action="store_true"); p.set_defaults(fn=_report)
+    p = sub.add_parser("index", help="write index.html linking every report below a folder")
+    p.add_argument("reports_dir", nargs="?", default=None, help="default: <repo>/reports"); p.set_defaults(fn=_index)
     p = sub.add_parser("demo", help="the main job on the embedded benchmark")
     p.add_argument("--workspace", default=None); p.add_argument("--reports", default=None)
+    p.add_argument("--profile", choices=list(DEMO_PROFILES), default="smoke",
+                   help="smoke: the half-hour run (default); proof: the two-hour run that tests the claim")
     p.add_argument("--steps", nargs="*", choices=DEMO_STEPS); p.set_defaults(fn=_demo)
     add_predict_parser(sub)  # amalgam predict: a trained run on NIfTI files (see amalgam.infer)
     return ap

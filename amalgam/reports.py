@@ -5,26 +5,32 @@
 # %% ../nbs/15_reports.ipynb 2
 from __future__ import annotations
 
+import difflib
 import glob
 import html
 import json
+import math
 import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import yaml
 
 from .config import AmalgamError, atomic_dir, atomic_write, provenance, repo_root, write_json
 
 # %% auto 0
-__all__ = ['setup_plotly', 'check_offline', 'load_params', 'resolve_manifests', 'run_notebook', 'render_html', 'render_index']
+__all__ = ['REPORT_WRITER', 'THIRD_PARTY_MODULES', 'VERDICT_OPPONENTS', 'HEADLINES', 'setup_plotly', 'check_offline',
+           'load_params', 'notebook_parameters', 'check_parameters', 'resolve_manifests', 'report_provenance',
+           'check_out_dir', 'run_notebook', 'render_html', 'render_index']
 
 # %% ../nbs/15_reports.ipynb
 def setup_plotly() -> None:
-    "Embed plotly.js in this notebook's output (offline) and render figures through it; call once at the top of an experiment notebook."
+    """Embed plotly.js in this notebook's output (offline) and render figures through it; call once at the top of an
+    experiment notebook."""
     import plotly.io as pio
     pio.renderers.default = "notebook"   # activating the renderer embeds plotly.js once (about 5 MB), offline
 
@@ -33,9 +39,11 @@ _PLOTLY_FROM_NETWORK = re.compile(r"""src=["']?(https?:)?//[^"'> ]*plotly[^"'> ]
 def check_offline(page: str, name: str = "report") -> None:
     "Raise if an HTML page loads plotly.js from the network, or draws plotly figures without embedding plotly.js."
     if m := _PLOTLY_FROM_NETWORK.search(page):
-        raise AmalgamError(f"{name}: loads plotly.js from the network ({m.group(0)}); call amalgam.reports.setup_plotly() in the notebook's first cell")
+        raise AmalgamError(f"{name}: loads plotly.js from the network ({m.group(0)}); "
+                           "call amalgam.reports.setup_plotly() in the notebook's first cell")
     if "Plotly.newPlot" in page and "plotly.js v" not in page:
-        raise AmalgamError(f"{name}: draws plotly figures but does not embed plotly.js; call amalgam.reports.setup_plotly() in the notebook's first cell")
+        raise AmalgamError(f"{name}: draws plotly figures but does not embed plotly.js; "
+                           "call amalgam.reports.setup_plotly() in the notebook's first cell")
 
 # %% ../nbs/15_reports.ipynb
 def load_params(params_file: str | os.PathLike | None = None, overrides: Mapping | None = None) -> dict:
@@ -47,62 +55,166 @@ def load_params(params_file: str | os.PathLike | None = None, overrides: Mapping
         try: loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e: raise AmalgamError(f"{p}: not valid YAML ({e})") from None
         if loaded is None: loaded = {}
-        if not isinstance(loaded, dict): raise AmalgamError(f"{p}: expected a mapping of parameter names to values, got {type(loaded).__name__}")
+        if not isinstance(loaded, dict):
+            raise AmalgamError(f"{p}: expected a mapping of parameter names to values, got {type(loaded).__name__}")
         params.update(loaded)
     params.update(overrides or {})
     try: yaml.safe_dump(params)
-    except yaml.YAMLError as e: raise AmalgamError(f"parameters must be plain values (numbers, strings, lists, mappings): {e}") from None
+    except yaml.YAMLError as e:
+        raise AmalgamError(f"parameters must be plain values (numbers, strings, lists, mappings): {e}") from None
     return params
+
+# %% ../nbs/15_reports.ipynb
+def notebook_parameters(notebook: str | os.PathLike) -> list[str]:
+    "The names `notebook` declares in its cell tagged `parameters`, in order, as papermill parses them."
+    import papermill as pm
+    try: return list(pm.inspect_notebook(str(notebook)))
+    except ValueError as e: raise AmalgamError(f"{notebook}: papermill cannot read its parameters ({e})") from None
+
+def check_parameters(notebook: str | os.PathLike, names: Iterable[str]) -> None:
+    "Raise unless every one of `names` is declared in `notebook`'s `parameters` cell (with a did-you-mean hint)."
+    declared = notebook_parameters(notebook)
+    unknown = [n for n in dict.fromkeys(names) if n not in declared]
+    if not unknown: return
+    hint = lambda n: f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(n), declared, 1)) else ""
+    known = f"it declares {', '.join(declared)}" if declared else "it has no cell tagged `parameters`"
+    names = ", ".join(f"{n!r}{hint(n)}" for n in unknown)
+    raise AmalgamError(f"{Path(notebook).name}: unknown parameter(s) {names}; {known}")
 
 # %% ../nbs/15_reports.ipynb
 def resolve_manifests(spec: str | Sequence[str] | None, root: str | os.PathLike | None = None) -> list[Path]:
     "Manifest paths named by a glob string or a list of paths/globs, relative to `root` (default: the repo root)."
     if spec is None: return []
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else spec
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, os.PathLike)) for i in items):
+        raise AmalgamError(f"manifests: expected a glob or a list of manifest paths, got {spec!r}")
     root = Path(root or repo_root() or Path.cwd())
     out = []
-    for item in ([spec] if isinstance(spec, (str, os.PathLike)) else spec):
+    for item in items:
         pat = str(item) if Path(item).is_absolute() else str(root / item)
         hits = sorted(Path(h) for h in glob.glob(pat))
         if not hits: raise AmalgamError(f"manifests: {item!r} matches no file under {root}")
         out += hits
     return out
 
+# %% ../nbs/15_reports.ipynb
+REPORT_WRITER = "amalgam.reports.run_notebook"  # provenance.json's `written_by`: a folder run_notebook may replace
+
+def report_provenance(folder: str | os.PathLike) -> dict:
+    "The `provenance.json` of a report folder written by `run_notebook`; otherwise an `AmalgamError` says why not."
+    path = Path(folder) / "provenance.json"
+    try: prov = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError: raise AmalgamError(f"{folder}: no provenance.json") from None
+    except (OSError, ValueError) as e: raise AmalgamError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(prov, dict) or prov.get("written_by") != REPORT_WRITER:
+        raise AmalgamError(f"{path}: not written by amalgam report (no written_by: {REPORT_WRITER})")
+    return prov
+
+def _tree(folder: Path) -> list[str]:
+    "Every file and folder below `folder`, as sorted relative POSIX paths (symbolic links are listed, not followed)."
+    found = []
+    for d, dirs, files in os.walk(folder):
+        found += [(Path(d).relative_to(folder) / n).as_posix() for n in (*dirs, *files)]
+    return sorted(found)
+
+def _never_replaced(path: Path, notebook: Path | None) -> str | None:
+    "Why `path` must never be replaced by a report, or None."
+    package = repo_root(Path(__file__).parent) if "__file__" in globals() else None   # the checkout amalgam runs from
+    checkouts = [r for r in (repo_root(), repo_root(notebook.parent) if notebook else None, package) if r is not None]
+    reasons = [(path == Path(path.anchor), "is the file-system root"),
+               (path == Path.home().resolve(), "is your home folder"),
+               (Path.cwd().resolve().is_relative_to(path), "is or holds the current folder"),
+               (any(r.is_relative_to(path) for r in checkouts), "is or holds the amalgam checkout"),
+               ((path / ".git").exists(), "holds a git repository (.git)")]
+    return next((why for hit, why in reasons if hit), None)
+
+def _replace_problem(path: Path, overwrite: bool, notebook: Path | None) -> str | None:
+    "Why `run_notebook` may not write its report to the resolved folder `path`, or None if it may."
+    if why := _never_replaced(path, notebook): return f"refusing to write a report here: it {why}"
+    if not path.exists(): return None
+    if not path.is_dir(): return "exists and is not a folder"
+    if not any(path.iterdir()): return None
+    try: prov = report_provenance(path)
+    except AmalgamError as e:
+        return f"exists, is not empty and is not a previous report ({e}); choose a new or empty folder"
+    entries = _tree(path)
+    if any(Path(e).name == ".git" for e in entries): return "holds a git repository (.git); refusing to replace it"
+    written = set(prov.get("files") or ())
+    extra = [e for e in entries if e not in written]
+    if extra and not overwrite:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        return (f"is a previous report but holds files it did not write ({shown}); "
+                "move them away, or pass --overwrite (overwrite=True) to replace the folder with them")
+    return None
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False,
+                  notebook: str | os.PathLike | None = None) -> Path:
+    "`out_dir` resolved, if a report may be written there (see above); otherwise an `AmalgamError` naming it and why."
+    path = Path(out_dir).resolve()
+    if problem := _replace_problem(path, overwrite, Path(notebook).resolve() if notebook else None):
+        raise AmalgamError(f"{out_dir}: {problem}")
+    return path
+
+# %% ../nbs/15_reports.ipynb
+THIRD_PARTY_MODULES = r"(?!amalgam(\.|$)|__main__$)"  # warnings-filter module: all but amalgam's and the notebook's
+
+_KERNEL_WARNING_FILTERS = "; ".join([  # run by the report's kernel at start-up (IPython's exec_lines), before any cell
+    "import warnings",
+    *(f"warnings.filterwarnings('ignore', category={c}, module={THIRD_PARTY_MODULES!r})"
+      for c in ("FutureWarning", "DeprecationWarning")),
+    "del warnings"])
+
+# %% ../nbs/15_reports.ipynb
+def _stamp(folder: Path, prov: dict, status: str) -> None:
+    "Write `provenance.json` into `folder`: `prov`, the mark of `run_notebook`, `status` and the files the run wrote."
+    files = [f for f in _tree(folder) if f != "provenance.json"]
+    write_json(folder / "provenance.json",
+               {**prov, "written_by": REPORT_WRITER, "status": status, "files": [*files, "provenance.json"]})
+
 def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parameters: Mapping | None = None,
                  params_file: str | os.PathLike | None = None, kernel_name: str = "python3",
-                 log_output: bool = False, progress_bar: bool = False, index: bool = True) -> Path:
-    "Execute `notebook` with papermill into `out_dir` (atomically replaced), render `report.html`, record provenance; returns `out_dir`. `progress_bar` shows papermill's per-cell progress on stderr."
+                 log_output: bool = False, progress_bar: bool = False, overwrite: bool = False) -> Path:
+    """Execute `notebook` with papermill into `out_dir`, render `report.html`, record provenance; returns `out_dir`.
+    Every parameter must be declared by the notebook; `out_dir` must be new, empty or a previous report
+    (`check_out_dir`), and is replaced atomically once the run succeeded. Nothing is written outside `out_dir` but its
+    `.failed` sibling (a failed run, kept for debugging).
+    `progress_bar` shows papermill's per-cell progress on stderr."""
     import papermill as pm
-    notebook, out_dir = Path(notebook).resolve(), Path(out_dir).resolve()
+    notebook = Path(notebook).resolve()
     if not notebook.is_file(): raise AmalgamError(f"{notebook}: notebook not found")
     params = load_params(params_file, parameters)
+    check_parameters(notebook, [*params, "out_dir"])
     manifests = resolve_manifests(params.get("manifests"))
-    failed = out_dir.with_name(out_dir.name + ".failed")
+    out_dir = check_out_dir(out_dir, overwrite, notebook)
+    failed = check_out_dir(out_dir.with_name(out_dir.name + ".failed"), overwrite, notebook)
     root = repo_root() or notebook.parent
+    rel = str(notebook.relative_to(root)) if notebook.is_relative_to(root) else str(notebook)
     t0 = time.time()
+    record = lambda: {**provenance({**params, "out_dir": str(out_dir)}, manifests), "notebook": rel,
+                      "seconds": round(time.time() - t0, 1)}
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        executed = tmp / notebook.name
         def keep_failed(why: str) -> AmalgamError:
-            "Copy the failed run next to `out_dir` for debugging; the previous report stays where it is."
-            if failed.exists(): shutil.rmtree(failed)
-            shutil.copytree(tmp, failed)
+            "Keep the failed run in `failed` (marked, so the next run may replace it); the previous report stays."
+            if problem := _replace_problem(failed, overwrite, notebook):
+                return AmalgamError(f"{notebook.name}: {why}; the failed notebook is not kept: {failed}: {problem}")
+            _stamp(tmp, {**record(), "error": why}, "failed")
+            with atomic_dir(failed, overwrite=True) as keep: shutil.copytree(tmp, keep, dirs_exist_ok=True)
             return AmalgamError(f"{notebook.name}: {why}; the executed notebook is kept in {failed}")
         try:
-            pm.execute_notebook(str(notebook), str(executed), parameters={**params, "out_dir": str(tmp)},
-                                kernel_name=kernel_name, language="python", cwd=str(root),
-                                progress_bar=progress_bar, log_output=log_output)
+            pm.execute_notebook(str(notebook), str(tmp / notebook.name), parameters={**params, "out_dir": str(tmp)},
+                                kernel_name=kernel_name, language="python", cwd=str(root), progress_bar=progress_bar,
+                                log_output=log_output,
+                                extra_arguments=[f"--IPKernelApp.exec_lines={_KERNEL_WARNING_FILTERS}"])
         except Exception as e:
             raise keep_failed(f"execution failed ({type(e).__name__})\n{e}") from None
         if not (tmp / "metrics.json").is_file():
             raise keep_failed("did not write metrics.json to out_dir (its last cell must)")
-        page = render_html(executed)
+        page = render_html(tmp / notebook.name)
         check_offline(page, f"{notebook.name} -> report.html")
         atomic_write(tmp / "report.html", page)
-        prov = provenance({**params, "out_dir": str(out_dir)}, manifests)
-        prov.update(notebook=str(notebook.relative_to(root)) if notebook.is_relative_to(root) else str(notebook),
-                    seconds=round(time.time() - t0, 1))
-        write_json(tmp / "provenance.json", prov)
-    if failed.exists(): shutil.rmtree(failed)
-    if index: render_index(out_dir.parent)
+        _stamp(tmp, record(), "ok")
+        check_out_dir(out_dir, overwrite, notebook)
+    if failed.exists() and _replace_problem(failed, False, notebook) is None: shutil.rmtree(failed)
     return out_dir
 
 def render_html(executed: str | os.PathLike) -> str:
@@ -116,29 +228,128 @@ def render_html(executed: str | os.PathLike) -> str:
     return body
 
 # %% ../nbs/15_reports.ipynb
-def _headline(metrics: dict, limit: int = 6) -> str:
-    "The first few scalar metrics, as `key=value` pairs."
-    flat = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat[:limit])
+def _num(v, digits: int = 2) -> str:
+    "`v` to `digits` decimals, or an em dash for anything that is not a finite number."
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return f"{v:.{digits}f}" if ok else "—"
+
+def _scalars_headline(m: dict, limit: int = 6) -> str:
+    "The first few scalar metrics, as `key=value` pairs (reports of a kind without a headline of its own)."
+    flat = [(k, v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return html.escape(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat[:limit]))
+
+def _data_headline(m: dict) -> str:
+    "Cases per split and task."
+    cases = {t: s.get("cases") or {} for t, s in (m.get("tasks") or {}).items()}
+    split = lambda c: "/".join(str(c.get(s, "—")) for s in ("train", "val", "test"))
+    return html.escape("cases train/val/test: " + ", ".join(f"{t} {split(c)}" for t, c in cases.items()))
+
+def _experts_headline(m: dict) -> str:
+    "Each expert's final validation Dice (mean over its foreground classes)."
+    return html.escape("validation Dice: " + ", ".join(f"{t} {_num(e.get('validation_foreground_dice'))}"
+                                                       for t, e in (m.get("experts") or {}).items()))
+
+def _train_headline(m: dict) -> str:
+    "Last logged step and ground-truth loss (Dice + CE) per model; KA²ER's routing accuracy on the test slices."
+    final, routing = m.get("final") or {}, m.get("routing_accuracy_test") or {}
+    step = next((f.get("step") for f in final.values()), "—")
+    losses = ", ".join(f"{n} {_num(f.get('seg'), 3)}" for n, f in final.items())
+    routed = "; routing accuracy: " + ", ".join(f"{t} {_num(v)}" for t, v in routing.items()) if routing else ""
+    return html.escape(f"step {step}, Dice+CE loss: {losses}{routed}")
+
+def _ka2er_comparisons(m: dict) -> list[dict]:
+    "The paired comparisons with KA²ER as `a` (`paired_comparison` rows: task, a, b, mean_a, mean_b, verdict, ...)."
+    return [c for c in m.get("comparisons") or [] if isinstance(c, dict) and str(c.get("a", "")).startswith("ka2er ")]
+
+def _against(comparisons: list[dict], method: str) -> list[dict]:
+    "The comparisons against `method` in one pairing of modes: KA²ER's automatic mode if there is one, else the first."
+    rows = [c for c in comparisons if str(c.get("b", "")).split(" ")[0] == method]
+    rows = [c for c in rows if c.get("a") == "ka2er auto"] or rows
+    return [c for c in rows if (c.get("a"), c.get("b")) == (rows[0].get("a"), rows[0].get("b"))] if rows else []
+
+VERDICT_OPPONENTS = ("expert", "baseline", "LiteMedSAM")  # the columns of the evaluation's verdict table
+
+def _evaluate_headline(m: dict) -> str:
+    "The verdict table: per task, KA²ER against each opponent; cells `KA²ER Dice vs theirs: verdict`."
+    comps = _ka2er_comparisons(m)
+    cols = {o: _against(comps, o) for o in VERDICT_OPPONENTS}
+    tasks = sorted({str(c.get("task")) for rows in cols.values() for c in rows})
+    if not tasks: return "—"
+    label = lambda o, rows: f"{rows[0].get('a')} vs {rows[0].get('b')}" if rows else f"vs {o}"
+    head = "".join(f"<th>{html.escape(label(o, rows))}</th>" for o, rows in cols.items())
+    def cell(rows, task):
+        c = next((c for c in rows if str(c.get("task")) == task), None)
+        if c is None: return "<td>—</td>"
+        lo, hi = _num(c.get("lo"), 3), _num(c.get("hi"), 3)
+        ci = f"difference {_num(c.get('diff'), 3)} [{lo}, {hi}], n={c.get('n', '—')}"
+        return (f"<td title='{html.escape(ci)}'>{_num(c.get('mean_a'))} vs {_num(c.get('mean_b'))}: "
+                f"<b>{html.escape(str(c.get('verdict', '—')))}</b></td>")
+    row = lambda t: f"<tr><td>{html.escape(t)}</td>" + "".join(cell(rows, t) for rows in cols.values()) + "</tr>"
+    body = "".join(row(t) for t in tasks)
+    return f"<table class='verdicts'><tr><th>task (mean Dice)</th>{head}</tr>{body}</table>"
+
+def _ablations_headline(m: dict) -> str:
+    "Per variant: full KA²ER minus the variant (mean over tasks), and on how many tasks it is better or worse."
+    comps = _ka2er_comparisons(m)
+    modes = [str(c.get("a"))[len("ka2er "):] for c in comps]
+    mode = "auto" if "auto" in modes else (modes[0] if modes else None)
+    by: dict[str, list[dict]] = {}
+    for c in comps:
+        if c.get("a") == f"ka2er {mode}": by.setdefault(str(c.get("b", "")).rsplit(" ", 1)[0], []).append(c)
+    def line(variant: str, rows: list[dict]) -> str:
+        diffs = [c["diff"] for c in rows if _num(c.get("diff")) != "—"]
+        verdicts = [str(c.get("verdict")) for c in rows]
+        counts = ", ".join(f"{k} on {verdicts.count(k)}/{len(rows)}" for k in ("better", "worse") if k in verdicts)
+        return f"{variant} {f'{sum(diffs) / len(diffs):+.3f}' if diffs else '—'}" + (f" ({counts})" if counts else "")
+    if not by: return "—"
+    lines = "; ".join(line(v, rows) for v, rows in by.items())
+    return html.escape(f"KA²ER ({mode}) minus each variant, mean over tasks: {lines}")
+
+HEADLINES: dict[str, Callable[[dict], str]] = {  # notebook name -> headline (HTML) from its metrics.json
+    "data_report": _data_headline, "train_experts": _experts_headline, "train_amalgam": _train_headline,
+    "evaluate": _evaluate_headline, "ablations": _ablations_headline}
+
+# %% ../nbs/15_reports.ipynb
+_INDEX_TITLE = "<title>amalgam reports</title>"  # the mark of an index.html that render_index may replace
+
+def _index_row(reports_dir: Path, run: Path, prov: dict) -> str:
+    "One table row of the index: links, date, commit, duration and the headline of the report in `run`."
+    metrics_path, kind = run / "metrics.json", Path(str(prov.get("notebook", ""))).stem
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+        headline = HEADLINES.get(kind, _scalars_headline)(metrics) if isinstance(metrics, dict) else "—"
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        warnings.warn(f"render_index: {metrics_path}: no headline ({type(e).__name__}: {e})", stacklevel=3)
+        headline = "—"
+    rel = html.escape(run.relative_to(reports_dir).as_posix())
+    git = prov.get("git") if isinstance(prov.get("git"), dict) else {}
+    commit = html.escape(str(git.get("commit") or "unknown")[:10]) + (" (dirty)" if git.get("dirty") else "")
+    created = html.escape(str(prov.get("created_utc", "")))
+    return (f"<tr><td><a href='{rel}/report.html'>{rel}</a></td><td>{created}</td><td><code>{commit}</code></td>"
+            f"<td>{html.escape(str(prov.get('seconds', '')))}</td><td>{headline}</td>"
+            f"<td><a href='{rel}/provenance.json'>provenance</a> · <a href='{rel}/metrics.json'>metrics</a></td></tr>")
 
 def render_index(reports_dir: str | os.PathLike) -> Path:
-    "Write `reports_dir/index.html` linking every run folder below it (folders with a `provenance.json`)."
+    """Write `reports_dir/index.html` linking every finished report below it (folders whose `provenance.json`
+    run_notebook wrote); an unreadable or foreign `provenance.json` is skipped with a warning. Only an index this
+    function wrote is replaced."""
     reports_dir = Path(reports_dir)
+    index = reports_dir / "index.html"
+    if index.exists() and _INDEX_TITLE not in index.read_text(encoding="utf-8", errors="replace"):
+        raise AmalgamError(f"{index}: exists and was not written by amalgam's render_index; move it away first")
     rows = []
-    for prov_path in sorted(reports_dir.glob("**/provenance.json")):
-        run = prov_path.parent
-        prov = json.loads(prov_path.read_text())
-        metrics_path = run / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        rel = run.relative_to(reports_dir).as_posix()
-        commit = (prov.get("git") or {}).get("commit") or "unknown"
-        dirty = " (dirty)" if (prov.get("git") or {}).get("dirty") else ""
-        rows.append(f"<tr><td><a href='{html.escape(rel)}/report.html'>{html.escape(rel)}</a></td>"
-                    f"<td>{html.escape(prov.get('created_utc', ''))}</td><td><code>{html.escape(commit[:10])}{dirty}</code></td>"
-                    f"<td>{prov.get('seconds', '')}</td><td>{html.escape(_headline(metrics))}</td>"
-                    f"<td><a href='{html.escape(rel)}/provenance.json'>provenance</a> · <a href='{html.escape(rel)}/metrics.json'>metrics</a></td></tr>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>amalgam reports</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head>"
+    for d, dirs, files in os.walk(reports_dir):
+        dirs[:] = sorted(n for n in dirs if not n.startswith("."))   # temporary folders of runs in progress
+        if "provenance.json" not in files: continue
+        try: prov = report_provenance(d)
+        except AmalgamError as e:
+            warnings.warn(f"render_index: skipped {d}: {e}", stacklevel=2)
+            continue
+        if prov.get("status") == "ok": rows.append(_index_row(reports_dir, Path(d), prov))
+    page = ("<!doctype html><html><head><meta charset='utf-8'>" + _INDEX_TITLE +
+            "<style>body{font-family:sans-serif;margin:2em}"
+            "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
+            "table.verdicts td,table.verdicts th{padding:1px 6px;font-size:90%}</style></head>"
             "<body><h1>amalgam reports</h1><table><tr><th>run</th><th>created (UTC)</th><th>commit</th><th>seconds</th>"
-            "<th>headline metrics</th><th>files</th></tr>" + "".join(rows) + "</table></body></html>\n")
-    return atomic_write(reports_dir / "index.html", page)
+            "<th>headline</th><th>files</th></tr>" + "".join(rows) + "</table></body></html>\n")
+    return atomic_write(index, page)

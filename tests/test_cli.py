@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from amalgam.cli import main, run_demo
-from amalgam.config import repo_root
+import amalgam.cli as cli
+from amalgam.cli import DEMO_PROFILES, DEMO_STEPS, check_demo_plan, demo_plan, main, run_demo
+from amalgam.config import repo_root, write_json
 from amalgam.manifests import load_manifest
-from amalgam.reports import check_offline
+from amalgam.reports import REPORT_WRITER, check_offline, notebook_parameters
 
 ROOT = repo_root(Path(__file__).parent)
 AMALGAM = [sys.executable, "-m", "amalgam.cli"]
@@ -50,6 +51,76 @@ def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
 def test_unknown_subcommand_is_usage_error():
     r = run("train-everything")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.fixture
+def fake_demo(monkeypatch):
+    "run_demo with run_notebook and materialize recorded (each fake report is stamped as run_notebook stamps one)."
+    calls = {"run": [], "materialize": [], "checked": []}
+    def run_notebook(notebook, out_dir, parameters, params_file=None, progress_bar=False):
+        calls["run"].append({"notebook": Path(notebook).name, "out_dir": Path(out_dir), "parameters": parameters,
+                             "params_file": params_file and Path(params_file).name})
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out_dir) / "metrics.json", {})
+        write_json(Path(out_dir) / "provenance.json", {"written_by": REPORT_WRITER, "status": "ok",
+                                                       "notebook": str(notebook), "files": ["metrics.json", "provenance.json"]})
+        return Path(out_dir)
+    monkeypatch.setattr(cli, "run_notebook", run_notebook)
+    monkeypatch.setattr(cli, "materialize", lambda m, raw, cache_dir: calls["materialize"].append((Path(m).name, raw)))
+    # the params files are the profiles' own (test_demo_profiles_declare_every_parameter checks them)
+    monkeypatch.setattr(cli, "check_demo_plan", lambda plan: calls["checked"].append([s["step"] for s in plan]))
+    return calls
+
+
+def test_demo_profiles_render_into_their_own_folders(tmp_path, fake_demo, capsys):
+    ws, reports = tmp_path / "ws", tmp_path / "reports"
+    manifests = [str(m) for m in sorted((ROOT / "data_manifests").glob("phantom_*.yaml"))]
+    assert main(["demo", "--profile", "proof", "--steps", "data", "experts", "train", "--workspace", str(ws),
+                 "--reports", str(reports)]) == 0
+    runs = fake_demo["run"]
+    assert [r["out_dir"] for r in runs] == [reports / "proof" / s for s in ("data", "experts", "train")]
+    assert [r["params_file"] for r in runs] == [None, "train_experts_proof.yaml", "ka2er_proof.yaml"]
+    assert all(r["parameters"] == {"manifests": manifests, "workspace": str(ws / "proof")} for r in runs), runs
+    assert {raw for _, raw in fake_demo["materialize"]} == {ws / "proof" / "nnUNet_raw"}
+    assert main(["demo", "--steps", "data", "evaluate", "--workspace", str(ws), "--reports", str(reports)]) == 0
+    runs = fake_demo["run"][3:]
+    assert [(r["out_dir"], r["params_file"]) for r in runs] == [(reports / "data", None),
+                                                                 (reports / "evaluate", "ka2er_smoke.yaml")]
+    assert all(r["parameters"]["workspace"] == str(ws) for r in runs)
+    assert {raw for _, raw in fake_demo["materialize"][len(manifests):]} == {ws / "nnUNet_raw"}
+    assert fake_demo["checked"] == [["data", "experts", "train"], ["data", "evaluate"]]   # before the first step
+    index = (reports / "index.html").read_text()   # one index for both profiles
+    for rel in ("proof/data", "proof/experts", "proof/train", "data", "evaluate"):
+        assert f"<a href='{rel}/report.html'>" in index, rel
+    assert not (reports / "proof" / "index.html").exists()
+
+
+def test_demo_passes_each_notebook_only_what_it_declares(tmp_path):
+    for profile in DEMO_PROFILES:
+        plan = demo_plan(profile, workspace_dir=tmp_path / "ws", reports_dir=tmp_path / "reports",
+                         params={"device": "cpu", "max_cases": 2})
+        assert [s["step"] for s in plan] == list(DEMO_STEPS)
+        for s in plan:
+            assert set(s["parameters"]) <= set(notebook_parameters(s["notebook"])), (profile, s["step"])
+            assert ("max_cases" in s["parameters"]) == (s["step"] == "data")
+    with pytest.raises(cli.AmalgamError, match=r"\['max_cases'\] are declared by none of the steps \['train'\]"):
+        demo_plan("smoke", ["train"], tmp_path / "ws", tmp_path / "reports", params={"max_cases": 2})
+
+
+@pytest.mark.parametrize("profile", list(DEMO_PROFILES))
+def test_demo_profiles_declare_every_parameter(profile, tmp_path):
+    "Every params file of every profile exists and holds only parameters its notebook declares (as the demo checks)."
+    check_demo_plan(demo_plan(profile, workspace_dir=tmp_path / "ws", reports_dir=tmp_path / "reports"))
+
+
+def test_demo_refuses_a_report_folder_that_is_not_a_report(tmp_path, capsys):
+    reports = tmp_path / "reports"
+    (reports / "data").mkdir(parents=True)
+    (reports / "data" / "a.txt").write_text("keep")
+    assert main(["demo", "--steps", "data", "--workspace", str(tmp_path / "ws"), "--reports", str(reports)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a previous report" in err[0], err
+    assert (reports / "data" / "a.txt").read_text() == "keep" and not (tmp_path / "ws").exists()
 
 
 @pytest.mark.slow
