@@ -17,7 +17,7 @@ from .config import AmalgamError
 
 # %% auto 0
 __all__ = ['expert_stages', 'closest_stage', 'to_windows', 'from_windows', 'pooled_context', 'ScaleAmalgamation',
-           'AmalgamationOutput', 'AmalgamationLayer']
+           'AmalgamationOutput', 'AmalgamationLayer', 'routing_accuracy', 'routing_loss']
 
 # %% ../nbs/05_amalgamation.ipynb
 def expert_stages(spec: Sequence, spatial_dims: int, name: str = "expert") -> tuple[tuple[int, tuple[int, ...]], ...]:
@@ -150,8 +150,10 @@ class ScaleAmalgamation(nn.Module):
         other = cmask.repeat(x_win.shape[0] // cmask.shape[0], 1) if cmask is not None else torch.ones(ctx.shape[:2], dtype=torch.bool, device=x_win.device)
         return keys, torch.cat([own, other], dim=1)
 
-    def forward(self, f_map: Tensor, expert_maps: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, f_map: Tensor, expert_maps: Mapping[str, Tensor], source_bias: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         B, _, *grid = f_map.shape
+        assert source_bias is None or tuple(source_bias.shape) == (B, len(self.names) + 1), source_bias.shape
         win = _window_shape(grid, self.window_size)
         pgrid = [g + (-g % w) for g, w in zip(grid, win)]
         n_windows = math.prod(p // w for p, w in zip(pgrid, win))
@@ -178,9 +180,12 @@ class ScaleAmalgamation(nn.Module):
             q = self.gate_q(self.gate_norm(f))
             k = self.gate_k(self.gate_norm(candidates)) + torch.stack([self.gate_embed[n] for n in (*self.names, "foundation")])
             logits = (k @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])
-            weights = torch.softmax((logits / self.temperature).float(), dim=-1)  # attribution maps stay float32 under autocast
-        else:
-            weights = torch.full(candidates.shape[:-1], 1.0 / candidates.shape[-2], device=candidates.device)
+            logits = (logits / self.temperature).float()  # attribution maps stay float32 under autocast
+        else:  # uniform: every candidate scores the same
+            logits = torch.zeros(candidates.shape[:-1], device=candidates.device)
+        if source_bias is not None:  # one prior per element, the same in each of its windows (B-major, see to_windows)
+            logits = logits + source_bias.float().repeat_interleave(n_windows, 0)[:, None]
+        weights = torch.softmax(logits, dim=-1)
         merged = (weights.unsqueeze(-1) * candidates).sum(-2)
         gold = self.out_norm(merged + self.mlp(self.mlp_norm(merged)))
 
@@ -203,7 +208,7 @@ class AmalgamationLayer(nn.Module):
         foundation_channels: Sequence[int],  # channels of each foundation map
         foundation_strides: Sequence[int],  # stride of each foundation map (isotropic)
         expert_specs: Mapping[str, Sequence],  # expert name -> per stage (channels, stride) or objects with .channels/.stride
-        scales: Sequence[int] = (8, 16, 32),  # foundation strides to amalgamate at
+        scales: Sequence[int] = (8, 16, 32),  # foundation strides to amalgamate at (any, the fine ones included)
         hidden_dim: int = 96,  # shared width D
         num_heads: int = 4,  # attention heads (must divide hidden_dim)
         window_size: int = 4,  # attention window edge, in tokens
@@ -213,6 +218,8 @@ class AmalgamationLayer(nn.Module):
         use_cross_attention: bool = True,  # (b) foundation -> expert cross-attention (off: the projected expert feature itself)
         use_adaptive_weighting: bool = True,  # (c) learned per-token expert weights (off: uniform)
         init_temperature: float = 1.0,  # initial softmax temperature of (c)
+        zero_init_residual: bool = True,  # `back` starts at zero: the expert path adds nothing at initialisation
+        num_classes: int = 0,  # class tokens with a learned bias over the K+1 sources (task routing; needs (c))
     ):
         super().__init__()
         if spatial_dims not in (2, 3): raise AmalgamError(f"AmalgamationLayer: spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -225,6 +232,8 @@ class AmalgamationLayer(nn.Module):
             raise AmalgamError(f"AmalgamationLayer: hidden_dim {hidden_dim} must be a positive multiple of num_heads {num_heads}")
         if window_size < 1 or kv_pool < 1: raise AmalgamError(f"AmalgamationLayer: window_size and kv_pool must be >= 1, got {window_size}, {kv_pool}")
         if init_temperature <= 0: raise AmalgamError(f"AmalgamationLayer: init_temperature must be > 0, got {init_temperature}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise AmalgamError(f"AmalgamationLayer: num_classes must be an integer >= 0, got {num_classes!r}")
         if not expert_specs: raise AmalgamError("AmalgamationLayer: expert_specs is empty; amalgamation needs at least one expert")
         for n in expert_specs:
             if not isinstance(n, str) or not n or "." in n or n == "foundation":
@@ -241,8 +250,25 @@ class AmalgamationLayer(nn.Module):
                 fc, {n: self.stages[n][i][0] for n, i in self.stage_for_scale[s].items()}, hidden_dim, num_heads, window_size, kv_pool,
                 use_self_attention, use_cross_attention, use_adaptive_weighting, init_temperature)
             self.back[str(s)] = nn.Linear(hidden_dim, fc)
+            if zero_init_residual:
+                nn.init.zeros_(self.back[str(s)].weight)
+                nn.init.zeros_(self.back[str(s)].bias)
+        # task routing: per source, one bias per class token added to every scale's gate logits, zero (neutral) at start;
+        # keyed by source name like every expert module, so a state dict loads whatever the experts' order
+        sources = (*self.expert_names, "foundation")
+        self.class_bias = nn.ParameterDict({n: nn.Parameter(torch.zeros(num_classes)) for n in sources}
+                                           ) if num_classes and use_adaptive_weighting else None
 
-    def _check(self, foundation_features: Sequence[Tensor], expert_features: Mapping[str, Sequence[Tensor]]) -> None:
+    def source_bias(self, classes: Tensor | None) -> Tensor | None:
+        """The gate bias `B x (K+1)` for class-token indices `classes` (`B`; -1, no class, gets zeros), on the layer's
+        device; None without classes or without a class table (`num_classes=0`, or no adaptive weighting)."""
+        if classes is None or self.class_bias is None: return None
+        table = torch.stack([self.class_bias[n] for n in (*self.expert_names, "foundation")], dim=-1)  # classes x (K+1)
+        classes = classes.to(table.device)
+        return torch.where((classes >= 0)[:, None], table[classes.clamp(min=0)], 0.0)
+
+    def _check(self, foundation_features: Sequence[Tensor], expert_features: Mapping[str, Sequence[Tensor]],
+               source_bias: Tensor | None) -> None:
         nd = self.spatial_dims + 2
         if len(foundation_features) != len(self.foundation_channels):
             raise AmalgamError(f"foundation_features: expected {len(self.foundation_channels)} maps, got {len(foundation_features)}")
@@ -257,9 +283,18 @@ class AmalgamationLayer(nn.Module):
             for i, (t, (c, _)) in enumerate(zip(feats, self.stages[n])):
                 if t.ndim != nd or t.shape[1] != c or t.shape[0] != batch:
                     raise AmalgamError(f"expert_features[{n!r}][{i}]: expected {batch} x {c} x {self.spatial_dims} spatial dims, got {tuple(t.shape)}")
+        sources = len(self.expert_names) + 1
+        shape = tuple(source_bias.shape) if isinstance(source_bias, Tensor) else type(source_bias).__name__
+        if source_bias is not None and shape != (batch, sources):
+            raise AmalgamError(f"source_bias: expected a tensor {batch} x {sources} (batch x (experts + foundation)), "
+                               f"got {shape}")
 
-    def forward(self, foundation_features: Sequence[Tensor], expert_features: Mapping[str, Sequence[Tensor]]) -> AmalgamationOutput:
-        self._check(foundation_features, expert_features)
+    def forward(self,
+                foundation_features: Sequence[Tensor],  # one B x C_i x *grid_i map per foundation stride
+                expert_features: Mapping[str, Sequence[Tensor]],  # expert name -> one map per encoder stage
+                source_bias: Tensor | None = None,  # B x (K+1) gate bias per element (see `source_bias`), or None
+               ) -> AmalgamationOutput:
+        self._check(foundation_features, expert_features, source_bias)
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         features, gold, weights = list(foundation_features), {}, {}
         for s in self.scales:
@@ -270,6 +305,50 @@ class AmalgamationLayer(nn.Module):
             for n in self.expert_names:
                 e = expert_features[n][self.stage_for_scale[s][n]].detach().to(f_map.dtype)
                 experts[n] = e if tuple(e.shape[2:]) == grid else F.interpolate(e, size=grid, mode=mode, align_corners=False)
-            gold[s], weights[s] = self.blocks[str(s)](f_map, experts)
+            gold[s], weights[s] = self.blocks[str(s)](f_map, experts, source_bias)
             features[i] = f_map + _pointwise(self.back[str(s)], gold[s])
         return AmalgamationOutput(features, gold, weights, (*self.expert_names, "foundation"))
+
+# %% ../nbs/05_amalgamation.ipynb
+def _own_channels(weights: Mapping[int, Tensor], own: Tensor, what: str) -> Tensor:
+    "Check `own` (B channel indices into the K experts of `weights`, -1: none); returns it as long on their device."
+    if not weights: raise AmalgamError(f"{what}: no expert weights (a baseline model has none)")
+    w = next(iter(weights.values()))
+    batch, k = w.shape[0], w.shape[1] - 1
+    integer = isinstance(own, Tensor) and not own.dtype.is_floating_point and own.dtype != torch.bool
+    if not integer or tuple(own.shape) != (batch,):
+        got = f"shape {tuple(own.shape)}, dtype {own.dtype}" if isinstance(own, Tensor) else type(own).__name__
+        raise AmalgamError(f"{what}: own must be {batch} integer expert channels (-1: none), one per element; "
+                           f"got {got}")
+    bad = ((own < -1) | (own >= k)).nonzero()
+    if len(bad):
+        b = int(bad[0, 0])
+        raise AmalgamError(f"{what}: own[{b}] = {int(own[b])} is not an expert channel 0..{k - 1} (or -1 for none)")
+    return own.to(w.device, torch.long)
+
+def _mean_expert_weights(w: Tensor) -> Tensor:
+    "`B x (K+1) x *grid` -> `B x K`: each expert's weight averaged over the grid (the foundation channel dropped)."
+    return w.float().flatten(2).mean(-1)[:, :-1]
+
+def routing_accuracy(weights: Mapping[int, Tensor], own: Tensor) -> Tensor:
+    """Fraction of the elements with an own expert (`own`: `B` channel indices, -1: none) whose own expert gets the
+    highest grid-averaged weight among the K experts (foundation excluded), averaged over the scales in `weights`.
+    Ties share the credit (uniform weights score 1/K); NaN when no element has an own expert."""
+    own = _own_channels(weights, own, "routing_accuracy")
+    has, scores = own >= 0, []
+    for w in weights.values():
+        m = _mean_expert_weights(w.detach())
+        top = m == m.max(1, keepdim=True).values
+        scores.append((top.gather(1, own.clamp(min=0)[:, None])[:, 0] / top.sum(1))[has].mean())
+    return torch.stack(scores).mean()
+
+def routing_loss(weights: Mapping[int, Tensor], own: Tensor, eps: float = 1e-6) -> Tensor:
+    """Auxiliary loss toward each element's own expert: `-log` of the own expert's share of the K experts' grid-averaged
+    weight, averaged over the elements with an own expert (`own` -1: none), then over scales; 0 when none has one."""
+    own = _own_channels(weights, own, "routing_loss")
+    has, terms = (own >= 0).float(), []
+    for w in weights.values():
+        m = _mean_expert_weights(w)
+        share = m.gather(1, own.clamp(min=0)[:, None])[:, 0] / m.sum(1).clamp_min(eps)
+        terms.append((-share.clamp_min(eps).log() * has).sum() / has.sum().clamp_min(1))
+    return torch.stack(terms).mean()

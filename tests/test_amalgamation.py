@@ -1,4 +1,5 @@
-"Tests for amalgam.amalgamation: shapes, gradients, expert-order invariance, ablations, locality and linear memory."
+"""Tests for amalgam.amalgamation: shapes, gradients, expert-order invariance, ablations, zero-initialised expert
+path, fine scales, task routing (source bias), routing accuracy and loss, locality and linear memory."""
 import math
 from types import SimpleNamespace
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import amalgam.amalgamation as am
-from amalgam.amalgamation import AmalgamationLayer, closest_stage, expert_stages, from_windows, pooled_context, to_windows
+from amalgam.amalgamation import (AmalgamationLayer, closest_stage, expert_stages, from_windows, pooled_context,
+                                  routing_accuracy, routing_loss, to_windows)
 from amalgam.config import AmalgamError
 from amalgam.foundation import Foundation
 
@@ -95,7 +97,7 @@ def test_variable_number_of_experts(k):
 def test_gradients_reach_foundation_and_amalgamation_never_experts():
     torch.manual_seed(0)
     net = Foundation(feature_size=12, window_size=4)
-    layer = make_layer(3, window_size=2)
+    layer = make_layer(3, window_size=2, zero_init_residual=False)
     shape = (32, 32, 64)
     ef = expert_feats(SPECS[3], shape)
     ef = {n: [t.requires_grad_(True) for t in ts] for n, ts in ef.items()}  # even a caller's grad-enabled tensors must not get gradients
@@ -129,7 +131,8 @@ def test_expert_order_invariance(dims):
 @pytest.mark.parametrize("switch", ["use_self_attention", "use_cross_attention", "use_adaptive_weighting"])
 def test_each_ablation_changes_the_output(dims, switch):
     ff, ef = foundation_feats(SHAPE[dims]), expert_feats(SPECS[dims], SHAPE[dims])
-    full, ablated = make_layer(dims), make_layer(dims, **{switch: False})
+    full = make_layer(dims, zero_init_residual=False)
+    ablated = make_layer(dims, zero_init_residual=False, **{switch: False})
     missing, unexpected = ablated.load_state_dict(full.state_dict(), strict=False)
     assert missing == [] and unexpected  # the ablated layer is the full one minus the switched-off modules
     with torch.no_grad():
@@ -239,18 +242,24 @@ def test_attention_is_local():
 
 def _cost(layer, shape):
     "Bytes saved for backward and attention-score elements of one forward pass at a single stride-8 scale."
-    attn_elems = []
+    # only the stride-8 maps are read; the others just need the right channel counts
+    ff = [torch.randn(1, c, *([n // 8 for n in shape] if s == 8 else [1, 1, 1]), requires_grad=True)
+          for c, s in zip(F_CH, F_ST)]
+    at_8 = layer.stage_for_scale[8]
+    ef = {n: [torch.randn(1, c, *([-(-a // b) for a, b in zip(shape, st)] if i == at_8[n] else [1, 1, 1]))
+              for i, (c, st) in enumerate(layer.stages[n])] for n in layer.expert_names}
+    return _measure(layer, ff, ef)
+
+
+def _measure(layer, ff, ef):
+    "Bytes autograd saves and attention-score elements computed in one forward pass of `layer`."
+    attn_elems, saved = [], []
     real_sdpa = F.scaled_dot_product_attention
 
     def counting_sdpa(q, k, v, **kw):
         attn_elems.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
         return real_sdpa(q, k, v, **kw)
 
-    saved = []
-    # only the stride-8 maps are read; the others just need the right channel counts
-    ff = [torch.randn(1, c, *([n // 8 for n in shape] if s == 8 else [1, 1, 1]), requires_grad=True) for c, s in zip(F_CH, F_ST)]
-    ef = {n: [torch.randn(1, c, *([-(-a // b) for a, b in zip(shape, st)] if i == layer.stage_for_scale[8][n] else [1, 1, 1]))
-              for i, (c, st) in enumerate(layer.stages[n])] for n in layer.expert_names}
     orig = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = counting_sdpa
     try:
@@ -303,7 +312,7 @@ def test_bad_forward_inputs_are_named():
     (dict(specs={}), "at least one expert"), (dict(specs={"a.b": SPECS[3]["mr"]}), "not usable"),
     (dict(specs={"foundation": SPECS[3]["mr"]}), "not usable"), (dict(specs={"mr": [(32, (1, 2))]}), "expert_specs['mr'][0]"),
     (dict(specs={"mr": [(0, 1)]}), "expert_specs['mr'][0]"), (dict(init_temperature=0.0), "init_temperature"),
-    (dict(window_size=0), "window_size"),
+    (dict(window_size=0), "window_size"), (dict(num_classes=-1), "num_classes"),
 ])
 def test_bad_constructor_arguments(kwargs, needle):
     with pytest.raises(AmalgamError) as info:
@@ -330,3 +339,170 @@ def test_deterministic_with_seed():
     with torch.no_grad():
         a, b = make_layer(2, seed=3)(ff, ef), make_layer(2, seed=3)(ff, ef)
     assert all(torch.equal(a.gold[s], b.gold[s]) and torch.equal(a.weights[s], b.weights[s]) for s in a.gold)
+
+
+# ---------------------------------------------------------------- zero-initialised expert path
+
+def test_zero_init_expert_path_starts_at_the_foundation(dims):
+    "At initialisation the features are the foundation's exactly; only `back` learns at step 0, all of it after a step."
+    ff, ef = foundation_feats(SHAPE[dims]), expert_feats(SPECS[dims], SHAPE[dims])
+    layer = make_layer(dims)
+    with torch.no_grad():
+        out = layer(ff, ef)
+    assert all(torch.equal(a, b) for a, b in zip(out.features, ff))
+    with torch.no_grad():
+        opened = make_layer(dims, zero_init_residual=False)(ff, ef)
+    assert all(not torch.allclose(opened.features[F_ST.index(s)], ff[F_ST.index(s)], atol=1e-3) for s in (8, 16, 32))
+
+    def step():
+        layer.zero_grad()
+        sum(t.square().mean() for t in layer([t.clone().requires_grad_(True) for t in ff], ef).features).backward()
+        return {n for n, p in layer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    names = {n for n, _ in layer.named_parameters()}
+    assert step() == {n for n in names if n.startswith("back.")}
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if n.startswith("back."): p.sub_(1e-2 * p.grad)
+    assert step() == names
+
+
+# ---------------------------------------------------------------- fine scales
+
+def test_fine_scales(dims):
+    "Every foundation stride can be amalgamated; the expert stage closest in stride serves it."
+    shape = (32, 32, 64) if dims == 3 else SHAPE[2]
+    layer = make_layer(dims, scales=(1, 2, 4, 8, 16, 32), zero_init_residual=False)
+    assert layer.stage_for_scale[1] == {"ct": 0, "mr": 0}
+    assert layer.stage_for_scale[2] == {"ct": 1, "mr": 1} and layer.stage_for_scale[4] == {"ct": 2, "mr": 2}
+    ff = [t.requires_grad_(True) for t in foundation_feats(shape, batch=2)]
+    out = layer(ff, expert_feats(SPECS[dims], shape, batch=2))
+    for s in layer.scales:
+        grid = tuple(n // s for n in shape)
+        assert out.weights[s].shape == (2, 3, *grid) and out.features[F_ST.index(s)].shape == ff[F_ST.index(s)].shape
+        torch.testing.assert_close(out.weights[s].sum(1), torch.ones(2, *grid))
+    sum(t.square().mean() for t in out.features).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in ff)
+
+
+def _cost_2d(layer, side, scale):
+    "Bytes saved for backward and attention-score elements of one 2D forward pass at a single `scale`."
+    ff = [torch.randn(1, c, *([side // s] * 2 if s == scale else [1, 1]), requires_grad=True)
+          for c, s in zip(F_CH, F_ST)]
+    ef = {n: [torch.randn(1, c, *([-(-side // b) for b in st] if i == layer.stage_for_scale[scale][n] else [1, 1]))
+              for i, (c, st) in enumerate(layer.stages[n])] for n in layer.expert_names}
+    return _measure(layer, ff, ef)
+
+
+def test_memory_grows_linearly_at_fine_scales():
+    for scale, sides in ((2, [64, 128, 256]), (1, [32, 64, 128])):  # grids of 1024, 4096, 16384 tokens
+        layer = make_layer(2, window_size=4, kv_pool=2, scales=(scale,))
+        saved, attn = zip(*(_cost_2d(layer, n, scale) for n in sides))
+        voxels = [n * n for n in sides]
+        assert attn[0] > 0 and _exponent(voxels, saved) < 1.1 and _exponent(voxels, attn) < 1.1
+
+
+# ---------------------------------------------------------------- task routing: the source bias
+
+def test_source_bias_is_a_per_element_prior_on_the_gate(dims):
+    "softmax(logits + b) = normalise(w * exp(b)): the bias rescales each element's weights, in every window and scale."
+    layer = make_layer(dims, window_size=2)  # several windows per element at stride 8, padding at 32 (grid 1 x 2 x 3)
+    ff, ef = foundation_feats(SHAPE[dims], batch=2), expert_feats(SPECS[dims], SHAPE[dims], batch=2)
+    bias = torch.tensor([[1.5, -0.5, 0.0], [0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        plain, biased = layer(ff, ef), layer(ff, ef, source_bias=bias)
+    for s in layer.scales:
+        expected = plain.weights[s] * bias.exp().view(2, 3, *[1] * dims)
+        torch.testing.assert_close(biased.weights[s], expected / expected.sum(1, keepdim=True), atol=1e-6, rtol=1e-5)
+        assert torch.equal(biased.weights[s][1], plain.weights[s][1])
+    # without adaptive weighting the logits are zero: the weights are softmax(bias) everywhere
+    uniform = make_layer(dims, use_adaptive_weighting=False)
+    with torch.no_grad():
+        w = uniform(ff, ef, source_bias=bias).weights[8]
+    torch.testing.assert_close(w, bias.softmax(1).view(2, 3, *[1] * dims).expand_as(w))
+    with pytest.raises(AmalgamError, match=r"source_bias: expected a tensor 2 x 3"):
+        layer(ff, ef, source_bias=bias[:1])
+
+
+def test_class_bias_table():
+    layer = make_layer(2, num_classes=4)
+    assert set(layer.class_bias) == {"ct", "mr", "foundation"}
+    assert all(p.shape == (4,) and not p.any() for p in layer.class_bias.values())
+    assert layer.source_bias(None) is None and make_layer(2).source_bias(torch.tensor([0])) is None
+    assert make_layer(2, num_classes=4, use_adaptive_weighting=False).class_bias is None
+    with torch.no_grad():
+        layer.class_bias["mr"][2] = 3.0
+        layer.class_bias["foundation"][0] = -1.0
+    torch.testing.assert_close(layer.source_bias(torch.tensor([2, -1, 0])),
+                               torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -1.0]]))
+    # keyed by source name: a layer listing the experts the other way round loads it and gives the same bias per source
+    rev = make_layer(2, dict(reversed(list(SPECS[2].items()))), num_classes=4)
+    rev.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(rev.source_bias(torch.tensor([2]))[:, [1, 0, 2]], layer.source_bias(torch.tensor([2])))
+
+
+def test_class_bias_learns_only_from_elements_with_a_class():
+    layer = make_layer(2, num_classes=3, zero_init_residual=False)
+    ff, ef = foundation_feats(SHAPE[2], batch=2), expert_feats(SPECS[2], SHAPE[2], batch=2)
+    out = layer(ff, ef, source_bias=layer.source_bias(torch.tensor([1, -1])))
+    routing_loss(out.weights, torch.tensor([0, 0])).backward()
+    grads = torch.stack([layer.class_bias[n].grad for n in ("ct", "mr", "foundation")], -1)
+    assert grads[1].abs().sum() > 0 and grads[[0, 2]].abs().sum() == 0  # only class 1 was asked for
+    assert grads[1, 0] < 0  # the loss pulls class 1 toward expert 0, its element's own expert
+
+
+# ---------------------------------------------------------------- routing accuracy and loss
+
+def _hand(*rows, grid=(2, 3)):
+    "Hand-made weights: per element, the value of each source on every token of the grid."
+    return torch.tensor(rows, dtype=torch.float)[..., None, None].expand(-1, -1, *grid).clone()
+
+
+def test_routing_accuracy_cases():
+    w = {8: _hand([0.6, 0.1, 0.3], [0.1, 0.5, 0.4], [0.2, 0.2, 0.6])}
+    assert routing_accuracy(w, torch.tensor([0, 1, -1])).item() == 1.0
+    assert routing_accuracy(w, torch.tensor([1, 0, -1])).item() == 0.0
+    assert routing_accuracy(w, torch.tensor([0, 0, -1])).item() == 0.5
+    assert routing_accuracy(w, torch.tensor([-1, -1, 0])).item() == 0.5  # a tie between the experts shares the credit
+    # the foundation channel does not compete: element 2's foundation weight 0.6 is the largest but not an expert's
+    assert routing_accuracy({8: _hand([0.1, 0.2, 0.7])}, torch.tensor([1])).item() == 1.0
+    # spatial means decide, not single tokens; and the result is the mean over scales
+    spread = torch.zeros(1, 3, 2, 2)
+    spread[0, 0, 0, 0], spread[0, 1] = 0.6, 0.2
+    spread[0, 2] = 1 - spread[0, :2].sum(0)
+    assert routing_accuracy({4: spread}, torch.tensor([1])).item() == 1.0  # means 0.15 vs 0.2 (0.6 > 0.2 on one token)
+    assert routing_accuracy({4: spread, 8: _hand([0.6, 0.1, 0.3])}, torch.tensor([1])).item() == 0.5
+    assert routing_accuracy(w, torch.tensor([-1, -1, -1])).isnan()
+
+
+def test_routing_loss_prefers_the_own_expert_and_reaches_the_gate():
+    w = {8: _hand([0.6, 0.1, 0.3])}
+    low, high = routing_loss(w, torch.tensor([0])), routing_loss(w, torch.tensor([1]))
+    assert low < high
+    torch.testing.assert_close(low, torch.tensor(-math.log(0.6 / 0.7)))
+    logits = torch.zeros(2, 3, 2, 2, requires_grad=True)
+    loss = routing_loss({8: logits.softmax(1), 16: logits[..., :1, :1].softmax(1)}, torch.tensor([1, -1]))
+    torch.testing.assert_close(loss, torch.tensor(math.log(2)))
+    loss.backward()
+    assert (logits.grad[0, 1] < 0).all() and (logits.grad[0, 0] > 0).all() and logits.grad[1].abs().sum() == 0
+    none = routing_loss({8: logits.softmax(1)}, torch.tensor([-1, -1]))
+    assert none.item() == 0.0 and none.requires_grad
+    # through a real gate: the loss on the layer's weights gives its gate parameters a gradient
+    layer = make_layer(2)
+    out = layer(foundation_feats(SHAPE[2], batch=2), expert_feats(SPECS[2], SHAPE[2], batch=2))
+    routing_loss(out.weights, torch.tensor([1, 0])).backward()
+    assert all(layer.blocks[str(s)].gate_q.weight.grad.abs().sum() > 0 for s in layer.scales)
+
+
+@pytest.mark.parametrize("own,needle", [
+    (torch.tensor([0, 2]), "own[1] = 2 is not an expert channel 0..1"), (torch.tensor([-2, 0]), "own[0] = -2"),
+    (torch.tensor([0.0, 1.0]), "integer expert channels"), (torch.tensor([0]), "must be 2 integer"),
+])
+def test_routing_bad_own(own, needle):
+    w = {8: _hand([0.6, 0.1, 0.3], [0.1, 0.5, 0.4])}
+    for fn in (routing_accuracy, routing_loss):
+        with pytest.raises(AmalgamError) as info:
+            fn(w, own)
+        assert needle in str(info.value)
+    with pytest.raises(AmalgamError, match="no expert weights"):
+        routing_loss({}, torch.tensor([0]))
