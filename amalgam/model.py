@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import numbers
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .amalgamation import AmalgamationLayer
-from .config import AmalgamError, DictConfig, write_json
+from .config import AmalgamError, DictConfig, rng, write_json
 from .experts import ExpertBank
-from .foundation import Foundation, LoadReport, load_pretrained
+from .foundation import SWIN_DIVISOR, Foundation, LoadReport, load_pretrained
 from .prompts import MaskDecoder, PromptEncoder, Prompts
 
 # %% auto 0
@@ -35,7 +37,7 @@ class KA2ERConfig(DictConfig):
     swin_window_size: int = 7  # Swin window edge of the foundation
     use_checkpoint: bool = False  # gradient checkpointing in the Swin blocks
     # amalgamation
-    scales: tuple[int, ...] = (8, 16, 32)  # foundation strides where experts are amalgamated
+    scales: tuple[int, ...] = (8, 16, 32)  # foundation strides where experts are amalgamated (any of 1 ... 32)
     hidden_dim: int = 96
     num_heads: int = 4
     window_size: int = 4
@@ -44,6 +46,8 @@ class KA2ERConfig(DictConfig):
     use_cross_attention: bool = True  # ablation switch (b)
     use_adaptive_weighting: bool = True  # ablation switch (c)
     init_temperature: float = 1.0
+    zero_init_expert_path: bool = True  # the expert path adds exactly zero at first: KA²ER starts as the baseline
+    task_routing: bool = True  # a learned per-class bias over the K+1 sources in the gate, zero at start (needs (c))
     # prompt encoder and mask decoder
     embed_stride: int = 16  # stride of the image embedding the two-way transformer runs on
     transformer_dim: int = 96
@@ -62,6 +66,13 @@ class KA2ERConfig(DictConfig):
 
     def __post_init__(self):
         self.scales = tuple(int(s) for s in self.scales)
+        strides = tuple(2**i for i in range(SWIN_DIVISOR.bit_length()))  # the foundation's: 1 .. 32
+        if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= set(strides):
+            raise AmalgamError(f"KA2ERConfig.scales: expected distinct foundation strides from {strides}, "
+                               f"got {self.scales}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise AmalgamError(f"KA2ERConfig.seed: expected a non-negative integer, got {self.seed!r}")
+        self.seed = int(self.seed)
         if self.spatial_dims not in (2, 3): raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if not isinstance(self.tasks, Mapping): raise AmalgamError(f"KA2ERConfig.tasks: expected a mapping task -> class names, got {type(self.tasks).__name__}")
         self.tasks = {str(t): [str(c) for c in cs] for t, cs in self.tasks.items()}
@@ -170,12 +181,15 @@ class KA2ER(nn.Module):
         classes = torch.tensor([self.class_index(n) for n in names], dtype=torch.long)
         return dataclasses.replace(prompts or Prompts(), classes=classes)
 
-    def expert_features(self, image: Tensor, logits: bool = False) -> dict[str, list[Tensor]] | tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
-        "Each frozen expert's encoder features of the raw `image` (normalised the expert's way) on the image's device; with `logits=True` also each expert's logits from the same pass (see `ExpertBank.encode`)."
+    def expert_features(self, image: Tensor, logits: bool = False, stats: Mapping[str, Tensor] | None = None
+                        ) -> dict[str, list[Tensor]] | tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
+        """Each frozen expert's encoder features of the raw `image` (normalised the expert's way) on the image's device;
+        with `logits=True` also each expert's logits from the same pass; `stats`: per expert, the `B x C x 2`
+        (mean, std) of each element's whole volume for z-score normalisation (`ExpertBank.encode`, `.volume_stats`)."""
         if self.experts is None: raise AmalgamError("KA2ER.expert_features: this is the baseline model, it has no experts")
         for e in self.experts:
             if e.device != image.device: e.to(image.device)
-        return self.experts.encode(image, logits=logits)
+        return self.experts.encode(image, logits=logits, stats=stats)
 
     def decode(self, features: Sequence[Tensor], prompts: Prompts, multimask_output: bool = True) -> tuple[Tensor, Tensor]:
         "Prompt encoder + mask decoder on image features (one map per foundation stride): masks `B x M x *input`, IoU `B x M`."
@@ -192,6 +206,7 @@ class KA2ER(nn.Module):
                 task: str | Sequence[str] | None = None,  # 'task:class' (or a one-class 'task') for all, or one per batch element
                 multimask_output: bool = True,  # SAM's ambiguity-aware masks, else the single-mask output
                 expert_features: Mapping[str, Sequence[Tensor]] | None = None,  # `ExpertBank.encode(image)`, when already computed (e.g. with the teachers' logits)
+                expert_stats: Mapping[str, Tensor] | None = None,  # expert name -> B x C x 2 volume (mean, std)
                ) -> KA2EROutput:
         self.foundation.check_input(image)
         b, spatial = image.shape[0], tuple(image.shape[2:])
@@ -201,11 +216,16 @@ class KA2ER(nn.Module):
         prompts = _CheckedPrompts(**prompts.given())
         if expert_features is not None and self.experts is None:
             raise AmalgamError("KA2ER.forward: expert_features given to the baseline model, which has no experts")
+        if expert_features is not None and expert_stats is not None:
+            raise AmalgamError("KA2ER.forward: expert_stats given with precomputed expert_features; pass the stats to "
+                               "ExpertBank.encode instead")
         features = self.foundation(zscore(image))
         weights, names = {}, ()
         if self.experts is not None:
+            bias = self.amalgamation.source_bias(prompts.classes)  # task routing: None without classes or with it off
             # computed here, the experts' maps (full-resolution stages included) are freed once amalgamated, before the decoder runs
-            out = self.amalgamation(features, self.expert_features(image) if expert_features is None else expert_features)
+            out = self.amalgamation(features, self.expert_features(image, stats=expert_stats) if expert_features is None
+                                    else expert_features, source_bias=bias)
             features, weights, names = out.features, out.weights, tuple(out.expert_names)
         masks, iou = self.decode(features, prompts, multimask_output)
         return KA2EROutput(masks, iou, weights, names)
@@ -223,23 +243,38 @@ class KA2ER(nn.Module):
                 "trainable": sum(p.numel() for p in self.trainable_parameters())}
 
 # %% ../nbs/07_model.ipynb
-def build_model(config: KA2ERConfig, experts: ExpertBank | None = None) -> KA2ER:
-    "The KA²ER model that `config` describes, around the frozen `experts` (None: the baseline). Initialisation is seeded by `config.seed` without touching the global RNG; experts enter the amalgamation in sorted-name order, so the bank's order does not matter."
-    c = config
+@contextmanager
+def _part_rng(seed: int, part: str):
+    "The global torch RNG, forked and seeded for one part of the model from `seed` and the part's name."
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(c.seed)
-        foundation = Foundation(c.spatial_dims, c.in_channels, c.feature_size, window_size=c.swin_window_size, use_checkpoint=c.use_checkpoint)
-        amalgamation = None
-        if experts is not None:
-            specs = experts.feature_specs
+        torch.manual_seed(int(rng(seed, "init", part).integers(2**63)))
+        yield
+
+def build_model(config: KA2ERConfig, experts: ExpertBank | None = None) -> KA2ER:
+    """The KA²ER model that `config` describes, around the frozen `experts` (None: the baseline). Each part is
+    initialised from its own stream of `config.seed` without touching the global RNG; experts enter the amalgamation in
+    sorted-name order, so the bank's order does not matter."""
+    c = config
+    with _part_rng(c.seed, "foundation"):
+        foundation = Foundation(c.spatial_dims, c.in_channels, c.feature_size, window_size=c.swin_window_size,
+                                use_checkpoint=c.use_checkpoint)
+    amalgamation = None
+    if experts is not None:
+        specs = experts.feature_specs
+        with _part_rng(c.seed, "amalgamation"):
             amalgamation = AmalgamationLayer(
-                foundation.channels, foundation.strides, {n: specs[n] for n in sorted(specs)}, scales=c.scales, hidden_dim=c.hidden_dim,
-                num_heads=c.num_heads, window_size=c.window_size, kv_pool=c.kv_pool, spatial_dims=c.spatial_dims,
-                use_self_attention=c.use_self_attention, use_cross_attention=c.use_cross_attention,
-                use_adaptive_weighting=c.use_adaptive_weighting, init_temperature=c.init_temperature)
+                foundation.channels, foundation.strides, {n: specs[n] for n in sorted(specs)}, scales=c.scales,
+                hidden_dim=c.hidden_dim, num_heads=c.num_heads, window_size=c.window_size, kv_pool=c.kv_pool,
+                spatial_dims=c.spatial_dims, use_self_attention=c.use_self_attention,
+                use_cross_attention=c.use_cross_attention, use_adaptive_weighting=c.use_adaptive_weighting,
+                init_temperature=c.init_temperature,
+                zero_init_residual=c.zero_init_expert_path, num_classes=len(c.class_names) if c.task_routing else 0)
+    with _part_rng(c.seed, "prompt_encoder"):
         prompt_encoder = PromptEncoder(c.spatial_dims, c.transformer_dim, len(c.class_names), c.mask_in_chans)
-        decoder = MaskDecoder(c.spatial_dims, foundation.channels, foundation.strides, c.embed_stride, c.transformer_dim, c.transformer_depth,
-                              c.decoder_heads, num_multimask_outputs=c.num_multimask_outputs, iou_head_depth=c.iou_head_depth,
+    with _part_rng(c.seed, "decoder"):
+        decoder = MaskDecoder(c.spatial_dims, foundation.channels, foundation.strides, c.embed_stride,
+                              c.transformer_dim, c.transformer_depth, c.decoder_heads,
+                              num_multimask_outputs=c.num_multimask_outputs, iou_head_depth=c.iou_head_depth,
                               iou_head_hidden_dim=c.iou_head_hidden_dim)
     report = load_pretrained(foundation, c.pretrained, allow_partial=c.allow_partial) if c.pretrained else None
     model = KA2ER(foundation, experts, amalgamation, prompt_encoder, decoder, c.class_names)

@@ -1,4 +1,5 @@
-"KA2ER wiring (amalgam.model): shapes, gradients, expert-order invariance, ablation switches, baseline, config, bad input."
+"""KA2ER wiring (amalgam.model): shapes, gradients, expert-order invariance, ablation switches, baseline (and a fresh
+KA2ER equal to it), task routing, expert volume statistics, config, bad input."""
 import dataclasses
 import json
 
@@ -92,17 +93,27 @@ def test_gradients_reach_trainable_parts_never_experts():
     assert not any(k.startswith("experts") for k in model.state_dict())
 
 
+def perturb(module, seed=1, scale=0.2):
+    "Move every parameter off its initial value, so no branch is an identity (or zero) by initialisation."
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for t in module.parameters(): t.add_(scale * torch.randn(t.shape, generator=g))
+
+
 def test_expert_order_invariance():
-    x, p = image(), clicks()
+    x, p = image(), dataclasses.replace(clicks(), classes=torch.tensor([0, 2]))
     a = build_model(config(), bank(order=("ct_abdomen", "ct_lung"))).eval()
     b = build_model(config(), bank(order=("ct_lung", "ct_abdomen"))).eval()
+    perturb(a.amalgamation)  # the expert path (and the class bias) must matter for the comparison to mean something
+    b.load_state_dict(a.state_dict())
     with torch.no_grad(): oa, ob = a(x, p), b(x, p)
     assert oa.expert_names == ob.expert_names
     torch.testing.assert_close(oa.masks, ob.masks)
     # the maths too, not only the sorted build: the same weights in an amalgamation layer that lists the experts the other way round
     al = a.amalgamation
     rev = AmalgamationLayer(a.foundation.channels, a.foundation.strides, {n: a.experts.feature_specs[n] for n in reversed(al.expert_names)},
-                            scales=al.scales, hidden_dim=32, num_heads=4, spatial_dims=2)
+                            scales=al.scales, hidden_dim=32, num_heads=4, spatial_dims=2,
+                            num_classes=len(a.class_names))
     rev.load_state_dict(al.state_dict())
     c = KA2ER(a.foundation, a.experts, rev, a.prompt_encoder, a.decoder, a.class_names).eval()
     with torch.no_grad(): oc = c(x, p)
@@ -112,13 +123,13 @@ def test_expert_order_invariance():
         torch.testing.assert_close(oc.expert_weights[s][:, [1, 0, 2]], oa.expert_weights[s], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("switch", ["use_self_attention", "use_cross_attention", "use_adaptive_weighting"])
+@pytest.mark.parametrize("switch", ["use_self_attention", "use_cross_attention", "use_adaptive_weighting",
+                                    "task_routing"])
 def test_each_ablation_switch_changes_the_output(switch):
-    experts, x, p = bank(), image(), clicks()
+    experts, x = bank(), image()
+    p = dataclasses.replace(clicks(), classes=torch.tensor([0, 2]))  # class-conditioned clicks
     full = build_model(config(), experts).eval()
-    with torch.no_grad():  # move every amalgamation weight off its initial value, so no branch is an identity by initialisation
-        g = torch.Generator().manual_seed(1)
-        for t in full.amalgamation.parameters(): t.add_(0.2 * torch.randn(t.shape, generator=g))
+    perturb(full.amalgamation)
     ablated = build_model(config(**{switch: False}), experts).eval()
     missing, _ = ablated.load_state_dict(full.state_dict(), strict=False)
     assert missing == []  # the ablated model is the full one minus a branch
@@ -137,6 +148,104 @@ def test_baseline_same_decoder():
     assert base.decoder.state_dict().keys() == full.decoder.state_dict().keys()
     out = base(image(), clicks())
     assert out.masks.shape == (2, 3, *SHAPE[2]) and out.expert_weights == {} and out.expert_names == ()
+
+
+def test_fresh_ka2er_is_its_baseline():
+    "Zero-initialised expert path and per-part seeds: a fresh KA2ER computes exactly what a fresh baseline computes."
+    x = image()
+    base = build_model(config(), None).eval()
+    ka2er = build_model(config(), bank()).eval()
+    opened = build_model(config(zero_init_expert_path=False), bank()).eval()
+    for part in ("foundation", "prompt_encoder", "decoder"):  # the amalgamation takes no random numbers from the others
+        ref = getattr(base, part).state_dict()
+        for m in (ka2er, opened):
+            assert all(torch.equal(v, getattr(m, part).state_dict()[k]) for k, v in ref.items()), part
+    boxes = Prompts(boxes=torch.tensor([[[4.0, 8.0], [40.0, 60.0]]] * 2))
+    prompts = [dict(prompts=clicks()), dict(task=["ct_abdomen:spleen", "ct_lung"]),
+               dict(prompts=clicks(), task="ct_lung"), dict(prompts=boxes)]
+    with torch.no_grad():
+        for kw in prompts:
+            ob, ok, oo = base(x, **kw), ka2er(x, **kw), opened(x, **kw)
+            assert torch.equal(ob.masks, ok.masks) and torch.equal(ob.iou, ok.iou), kw
+            assert not torch.allclose(ob.masks, oo.masks, atol=1e-3), kw
+    # training moves the expert path off zero: the first step's gradient reaches it (through `back`)
+    out = ka2er.train()(x, clicks())
+    out.masks.square().mean().backward()
+    assert all(ka2er.amalgamation.back[str(s)].weight.grad.abs().sum() > 0 for s in ka2er.amalgamation.scales)
+
+
+def test_fine_scales_in_the_model():
+    model = build_model(config(scales=(2, 4, 8, 16, 32), zero_init_expert_path=False), bank()).eval()
+    with torch.no_grad(): out = model(image(), clicks())
+    assert sorted(out.expert_weights) == [2, 4, 8, 16, 32]
+    assert out.expert_weights[2].shape == (2, 3, 32, 48) and out.masks.shape == (2, 3, *SHAPE[2])
+    with pytest.raises(AmalgamError, match=r"KA2ERConfig.scales: expected distinct foundation strides from \(1, 2, 4"):
+        config(scales=(3, 8))
+    with pytest.raises(AmalgamError, match="KA2ERConfig.scales"):
+        config(scales=(8, 8))
+    with pytest.raises(AmalgamError, match="KA2ERConfig.seed"):
+        config(seed=-1)
+
+
+def test_task_routing_biases_elements_with_a_class(monkeypatch):
+    model = build_model(config(zero_init_expert_path=False), bank()).eval()
+    passed = []
+    real = model.amalgamation.forward
+    monkeypatch.setattr(model.amalgamation, "forward",
+                        lambda *a, **k: passed.append(k.get("source_bias")) or real(*a, **k))
+    x, classes = image(), torch.tensor([1, -1])  # element 1: clicks without a class
+    p = dataclasses.replace(clicks(), classes=classes)
+    with torch.no_grad():
+        neutral = model(x, p)
+        model.amalgamation.class_bias["ct_lung"][1] = 2.0
+        routed, clicks_only = model(x, p), model(x, clicks())
+    assert passed[0].shape == (2, 3) and not passed[0].any() and passed[1][0, 1] == 2.0 and not passed[1][1].any()
+    assert passed[2] is None  # no classes at all: no bias
+    assert (routed.expert_weights[8][0, 1] > neutral.expert_weights[8][0, 1]).all()
+    for s in routed.expert_weights: assert torch.equal(routed.expert_weights[s][1], neutral.expert_weights[s][1])
+    assert not torch.allclose(routed.masks[0], neutral.masks[0]) and torch.equal(routed.masks[1], neutral.masks[1])
+    # it is learnt from the elements that carry a class, for that class only
+    model.train()(x, p).masks.square().mean().backward()
+    grads = torch.stack([model.amalgamation.class_bias[n].grad for n in ("ct_abdomen", "ct_lung", "foundation")])
+    assert grads[:, 1].abs().sum() > 0 and grads[:, [0, 2]].abs().sum() == 0
+    assert build_model(config(task_routing=False), bank()).amalgamation.class_bias is None
+    assert build_model(config(use_adaptive_weighting=False), bank()).amalgamation.class_bias is None
+
+
+def test_expert_stats_reach_the_experts(monkeypatch):
+    "`forward(expert_stats=...)` and `expert_features(stats=...)` hand the volume statistics to `ExpertBank.encode`."
+    model = build_model(config(), bank()).eval()
+    seen, real = [], model.experts.encode
+    def encode(x, normalized=False, logits=False, stats=None):
+        seen.append(stats)
+        return real(x, normalized, logits)
+    monkeypatch.setattr(model.experts, "encode", encode)
+    stats = {n: torch.tensor([[[40.0, 300.0]], [[10.0, 200.0]]]) for n in model.experts.names}
+    with torch.no_grad():
+        model(image(), clicks(), expert_stats=stats)
+        model(image(), clicks())
+        model.expert_features(image(), stats=stats)
+        model.expert_features(image(), logits=True)
+    assert seen[0] is stats and seen[1] is None and seen[2] is stats and seen[3] is None
+    feats = real(image())
+    with pytest.raises(AmalgamError, match="expert_stats given with precomputed expert_features"):
+        model(image(), clicks(), expert_features=feats, expert_stats=stats)
+    with torch.no_grad():  # the baseline has no experts to tell
+        build_model(config(), None)(image(), clicks(), expert_stats=stats)
+
+
+def test_expert_stats_change_what_z_score_experts_see():
+    "With z-score (MR) experts, volume statistics change the features, as `ExpertBank.encode(stats=...)` computes them."
+    experts = ExpertBank([tiny_test_expert(2, name=n, modality="MR", num_classes=2, seed=i)
+                          for i, n in enumerate(TASKS)])
+    model = build_model(config(zero_init_expert_path=False), experts).eval()
+    x = image()
+    stats = {n: torch.tensor([[[400.0, 50.0]], [[-300.0, 900.0]]]) for n in TASKS}  # far from the patches' (40, 300)
+    with torch.no_grad():
+        with_stats, patch_stats = model(x, clicks(), expert_stats=stats), model(x, clicks())
+        shared = model(x, clicks(), expert_features=experts.encode(x, stats=stats))
+    assert torch.equal(with_stats.masks, shared.masks)
+    assert not torch.allclose(with_stats.masks, patch_stats.masks, atol=1e-4)
 
 
 def test_parameter_counts():
@@ -174,9 +283,11 @@ def test_build_is_seeded_and_leaves_global_rng_alone():
 
 
 def test_config_round_trip(tmp_path):
-    cfg = config(3, scales=(16, 32), use_cross_attention=False, seed=4)
+    cfg = config(3, scales=(2, 16, 32), use_cross_attention=False, zero_init_expert_path=False, task_routing=False,
+                 seed=4)
     path = cfg.save(tmp_path / "run" / "ka2er_config.json")
-    assert json.loads(path.read_text())["scales"] == [16, 32]
+    saved = json.loads(path.read_text())
+    assert saved["scales"] == [2, 16, 32] and saved["zero_init_expert_path"] is False and saved["task_routing"] is False
     assert KA2ERConfig.load(path) == cfg
     assert KA2ERConfig.from_dict(cfg.to_dict()) == cfg
     bad = tmp_path / "bad.json"
@@ -280,8 +391,8 @@ def test_expert_features_are_freed_before_the_decoder(model2d, monkeypatch):
     import weakref
     refs, alive = [], []
     real_features, real_decode = model2d.expert_features, model2d.decode
-    def features(image, logits=False):
-        out = real_features(image, logits)
+    def features(image, logits=False, stats=None):
+        out = real_features(image, logits, stats)
         refs.extend(weakref.ref(f) for fs in out.values() for f in fs)
         return out
     def decode(*args, **kwargs):
