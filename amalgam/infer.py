@@ -34,9 +34,10 @@ from .prompts import Prompts
 from .train import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
-__all__ = ['EVAL_MODES', 'PROMPT_KEYS', 'voxel_to_world', 'world_to_voxel', 'tensor_affine', 'SegmentationResult', 'Segmenter',
-           'prompted_segmentation', 'nifti_stem', 'find_inputs', 'NiftiVolume', 'working_pixdim', 'load_nifti',
-           'case_prompts', 'read_prompts', 'predict_main', 'add_predict_parser', 'predict_cli']
+__all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'voxel_to_world', 'world_to_voxel', 'tensor_affine',
+           'SegmentationResult', 'Segmenter', 'prompted_segmentation', 'nifti_stem', 'find_inputs', 'NiftiVolume',
+           'working_pixdim', 'load_nifti', 'case_prompts', 'read_prompts', 'predict_main', 'add_predict_parser',
+           'predict_cli']
 
 # %% ../nbs/12_infer.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -71,12 +72,13 @@ class _Prompt:
     labels: np.ndarray | None = None  # N, 1 positive / 0 negative
     box: np.ndarray | None = None  # 2 x d, inclusive min and max corner
     cls: int | None = None  # class-token index (automatic mode)
+    mask: np.ndarray | None = None  # *spatial mask logits of a previous prediction on the element's grid (SAM's mask input)
 
     @property
-    def kind(self) -> tuple[bool, bool, bool, bool]:
+    def kind(self) -> tuple[bool, bool, bool, bool, bool]:
         "Windows of one kind run as one batch (a single click decodes differently, see `multimask_for`)."
         single = self.points is not None and int((self.labels != -1).sum()) == 1
-        return (self.points is not None, self.box is not None, self.cls is not None, single)
+        return (self.points is not None, self.box is not None, self.cls is not None, single, self.mask is not None)
 
 def _shift(p: _Prompt, offset: np.ndarray, size: Sequence[int]) -> _Prompt | None:
     "`p` in the coordinates of the window at `offset` of `size`; None when nothing of it falls inside."
@@ -90,10 +92,18 @@ def _shift(p: _Prompt, offset: np.ndarray, size: Sequence[int]) -> _Prompt | Non
         lo, hi = np.maximum(p.box[0], offset) - offset, np.minimum(p.box[1], offset + size - 1) - offset
         if (lo <= hi).all(): box = np.stack([lo, hi])
     if points is None and box is None and p.cls is None: return None
-    return _Prompt(points, labels, box, p.cls)
+    mask = None
+    if p.mask is not None:  # the window may reach into the padding of a small image: background there
+        mask = np.full(tuple(size), MASK_BACKGROUND, np.float32)
+        src = tuple(slice(int(o), min(int(o) + int(s), n)) for o, s, n in zip(offset, size, p.mask.shape))
+        mask[tuple(slice(0, r.stop - r.start) for r in src)] = p.mask[src]
+    return _Prompt(points, labels, box, p.cls, mask)
 
-def _batch_prompts(ps: Sequence[_Prompt]) -> Prompts:
-    "Window prompts of one kind as a `Prompts` batch (points padded with label -1 to the longest)."
+MASK_BACKGROUND = -20.0  # mask-prompt logit of "certainly background" (the padding of a previous prediction)
+
+def _batch_prompts(ps: Sequence[_Prompt], mask_size: Sequence[int] | None = None) -> Prompts:
+    """Window prompts of one kind as a `Prompts` batch (points padded with label -1 to the longest); mask inputs are
+    area-averaged to `mask_size`, the prompt encoder's mask resolution, as training feeds a previous prediction back."""
     out = {}
     if ps[0].points is not None:
         n = max(len(p.points) for p in ps)
@@ -103,6 +113,9 @@ def _batch_prompts(ps: Sequence[_Prompt]) -> Prompts:
         out.update(points=pts, point_labels=lab)
     if ps[0].box is not None: out["boxes"] = torch.as_tensor(np.stack([p.box for p in ps]), dtype=torch.float32)
     if ps[0].cls is not None: out["classes"] = torch.tensor([p.cls for p in ps], dtype=torch.long)
+    if ps[0].mask is not None:
+        m = torch.as_tensor(np.stack([p.mask for p in ps]), dtype=torch.float32)[:, None]
+        out["masks"] = F.interpolate(m, size=tuple(mask_size), mode="area")
     return Prompts(**out)
 
 # %% ../nbs/12_infer.ipynb
@@ -197,18 +210,25 @@ class Segmenter:
         return self.model.class_index(task)
 
 # %% ../nbs/12_infer.ipynb
-def _encode(self: Segmenter, x: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
-    """The prompt-independent part of KA²ER for a batch of windows: foundation features, frozen experts, amalgamation (the gold
+def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = None,
+            classes: Tensor | None = None) -> tuple[list[Tensor], dict[int, Tensor]]:
+    """The image part of KA²ER for a batch of windows: foundation features, frozen experts, amalgamation (the gold
     features and the expert weights). Like SAM's image embedding it is computed once per window and reused for every prompt on it
-    (each class, each prompt mode, each corrective click), which is most of the cost of evaluating a volume."""
-    keys = [_window_key(w) for w in x]
+    (each prompt mode, each corrective click), which is most of the cost of evaluating a volume. With task routing the class
+    prompt (`classes`, `B`, -1 for none) biases the expert weighting, so a window is encoded once per class it is asked for."""
+    tag = b"" if not stats else b"".join(stats[n].float().cpu().numpy().tobytes() for n in sorted(stats))
+    routed = classes is not None and self.model.amalgamation is not None and self.model.amalgamation.class_bias is not None
+    cls = classes.tolist() if routed else [-1] * len(x)
+    keys = [_window_key(w) + tag + int(c).to_bytes(4, "little", signed=True) for w, c in zip(x, cls)]
     hit = [self._cache.get(k) for k in keys]
     todo = [i for i, h in enumerate(hit) if h is None]
     if todo:
         m, xt = self.model, x[todo]
         feats, weights = m.foundation(zscore(xt)), {}
         if m.amalgamation is not None:
-            out = m.amalgamation(feats, m.expert_features(xt))
+            rows = None if stats is None else {n: s[None].expand(len(xt), -1, -1).to(xt.device) for n, s in stats.items()}
+            bias = m.amalgamation.source_bias(torch.tensor([cls[i] for i in todo])) if routed else None
+            out = m.amalgamation(feats, m.experts.encode(xt, stats=rows), source_bias=bias)
             feats, weights = out.features, out.weights
         for j, i in enumerate(todo):
             entry = ([f[j:j + 1] for f in feats], {s: w[j:j + 1] for s, w in weights.items()})
@@ -217,11 +237,12 @@ def _encode(self: Segmenter, x: Tensor) -> tuple[list[Tensor], dict[int, Tensor]
     feats = [torch.cat([h[0][l] for h in hit]) for l in range(len(hit[0][0]))]
     return feats, {s: torch.cat([h[1][s] for h in hit]) for s in hit[0][1]}
 
-def _best_probability(self: Segmenter, x: Tensor, prompts: Prompts) -> tuple[Tensor, dict[int, Tensor]]:
+def _best_probability(self: Segmenter, x: Tensor, prompts: Prompts, stats: Mapping[str, Tensor] | None = None
+                      ) -> tuple[Tensor, dict[int, Tensor]]:
     "Mask probability `B x *window` as training decodes: SAM's multi-mask output (best predicted IoU) for a single click, else the single mask."
     self.model.foundation.check_input(x)
     prompts = prompts.to(x.device).validate(tuple(x.shape[2:]), batch_size=len(x), num_classes=len(self.model.class_names))
-    feats, weights = _encode(self, x)
+    feats, weights = _encode(self, x, stats, prompts.classes)
     masks, iou = self.model.decode(feats, prompts, multimask_output=multimask_for(prompts))
     return torch.sigmoid(best_mask(masks, iou)[:, 0].float()), weights
 
@@ -230,7 +251,8 @@ def _weight_maps(weights: Mapping[int, Tensor], size: Sequence[int]) -> Tensor:
     w = weights[min(weights)].float()
     return F.interpolate(w, size=tuple(size), mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)
 
-def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prompt | None], with_weights: bool) -> Tensor:
+def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prompt | None], with_weights: bool,
+                     stats: Mapping[str, Tensor] | None = None) -> Tensor:
     "The sliding-window predictor: `B x (1 [+ K+1]) x *window` probability (and weights) of a batch of windows."
     size = tuple(win.shape[2:])
     shifted = [_shift(items[c[0].start], np.array([s.start for s in c[2:]], dtype=np.float64), size) if items[c[0].start] else None
@@ -241,21 +263,27 @@ def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prom
     out = win.new_zeros(len(win), 1 + (len(self.weight_names) if with_weights else 0), *size)
     with torch.no_grad():
         for idx in groups.values():
-            prob, weights = _best_probability(self, win[idx], _batch_prompts([shifted[j] for j in idx]))
+            mask_size = self.model.prompt_encoder.mask_input_size([s // self.model.decoder.embed_stride for s in size])
+            prompts = _batch_prompts([shifted[j] for j in idx], mask_size)
+            prob, weights = _best_probability(self, win[idx], prompts, stats)
             out[idx, 0] = prob.to(out)
             if with_weights: out[idx, 1:] = _weight_maps(weights, size).to(out)
         rest = [j for j, p in enumerate(shifted) if p is None]
         if with_weights and rest:
-            out[rest, 1:] = _weight_maps(_encode(self, win[rest])[1], size).to(out)
+            out[rest, 1:] = _weight_maps(_encode(self, win[rest], stats)[1], size).to(out)
     return out
 
-def _infer(self: Segmenter, batch: Tensor, items: Sequence[_Prompt | None], with_weights: bool, progress: bool) -> Tensor:
-    "`B x (1 [+ K+1]) x *spatial` for a batch of images (B = 1 volume, or the slices of a volume) and one prompt (or None) each."
+def _infer(self: Segmenter, batch: Tensor, items: Sequence[_Prompt | None], with_weights: bool, progress: bool,
+           volume: Tensor) -> Tensor:
+    """`B x (1 [+ K+1]) x *spatial` for a batch of images (B = 1 volume, or the slices of a volume) and one prompt (or None)
+    each; `volume` is the whole `C x *spatial` volume they come from."""
     run = [i for i, p in enumerate(items) if p is not None or with_weights]
     out = torch.zeros(len(batch), 1 + (len(self.weight_names) if with_weights else 0), *batch.shape[2:])
     if not run: return out
     x = _pad_to(batch[run], self.patch_size)
-    predictor = partial(_predict_windows, self, items=[items[i] for i in run], with_weights=with_weights)
+    # z-score experts normalise every window with the whole volume's statistics, as nnU-Net normalised their training data
+    stats = None if self.model.experts is None else self.model.experts.volume_stats(volume)
+    predictor = partial(_predict_windows, self, items=[items[i] for i in run], with_weights=with_weights, stats=stats)
     y = sliding_window_inference(x, self.patch_size, self.batch_size, predictor, overlap=self.overlap, mode="gaussian",
                                  sw_device=self.device, device="cpu", progress=progress, with_coord=True)
     out[run] = y[(slice(None), slice(None), *(slice(0, n) for n in batch.shape[2:]))].float()
@@ -292,17 +320,29 @@ def _result(self: Segmenter, out: Tensor, return_probability: bool, return_weigh
     weights = {n: out[1 + i].numpy().astype(np.float32) for i, n in enumerate(self.weight_names)} if return_weights else None
     return SegmentationResult((prob > 0.5).astype(np.uint8), prob if return_probability else None, weights)
 
+def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
+    "`mask_input` as float32 logits of `shape`, or an `AmalgamError` naming the problem."
+    if mask_input is None: return None
+    m = np.asarray(mask_input, dtype=np.float32)
+    if m.shape != tuple(shape) or not np.isfinite(m).all():
+        raise AmalgamError(f"mask_input: expected finite logits of the image's spatial shape {tuple(shape)}, "
+                           f"got shape {m.shape}" + ("" if m.shape != tuple(shape) else " with NaN/inf values"))
+    return m
+
 def _segment(self: Segmenter, image, points=None, point_labels=None, box=None, task: str | None = None,
-             return_probability: bool = False, return_weights: bool = False, progress: bool = False) -> SegmentationResult:
+             return_probability: bool = False, return_weights: bool = False, progress: bool = False,
+             mask_input=None) -> SegmentationResult:
     """Segment one volume `C x *spatial` (raw intensities, tensor axis order) from clicks (`N x 3` voxel coordinates, labels 1/0,
-    default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task` ('task:class'; alone: automatic mode)."""
+    default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task` ('task:class'; alone: automatic mode).
+    `mask_input`: logits `*spatial` of a previous prediction to refine (SAM's mask input; e.g. `logit(result.probability)`)."""
     x = _as_volume(image, self.model.foundation.in_channels)
+    mask_input = _mask_input(mask_input, x.shape[1:])
     points, point_labels, box = _check_prompt_arrays(points, point_labels, box, x.shape[1:])
     cls = self.check_task(task) if task is not None else None
     if points is None and box is None and cls is None: raise AmalgamError("segment: no prompt; give points, a box, or a task for automatic mode")
     return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
     if self.spatial_dims == 3:
-        out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls)], return_weights, progress)[0]
+        out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls, mask_input)], return_weights, progress, x)[0]
         return _result(self, out, return_probability, return_weights)
     boxes, clicks = {}, {}
     if box is not None:
@@ -311,18 +351,21 @@ def _segment(self: Segmenter, image, points=None, point_labels=None, box=None, t
         for z in np.unique(np.rint(points[:, 0]).astype(int)):
             on = np.rint(points[:, 0]).astype(int) == z
             clicks[int(z)] = (points[on, 1:], point_labels[on])
-    return _segment_slices(self, x, boxes, clicks, task, return_probability, return_weights, progress, slices_all=cls is not None)
+    return _segment_slices(self, x, boxes, clicks, task, return_probability, return_weights, progress,
+                           slices_all=cls is not None, mask_input=mask_input)
 
 def _segment_slices(self: Segmenter, image, boxes: Mapping[int, np.ndarray] | None = None,
                     points: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None, task: str | None = None,
                     return_probability: bool = False, return_weights: bool = False, progress: bool = False,
-                    slices_all: bool | None = None) -> SegmentationResult:
+                    slices_all: bool | None = None, mask_input=None) -> SegmentationResult:
     """2D models: segment a volume slice by slice along its first spatial axis with per-slice prompts: `boxes` {slice: 2 x 2 box
     (row, col)}, `points` {slice: (N x 2 coordinates, N labels)}; a `task` prompts every slice (automatic mode) unless
-    `slices_all=False`, when it only conditions the prompted slices. Slices without any prompt are background."""
+    `slices_all=False`, when it only conditions the prompted slices. Slices without any prompt are background. `mask_input`:
+    logits of a previous prediction of the volume (`*spatial`); each prompted slice gets its own slice as mask input."""
     if self.spatial_dims != 2: raise AmalgamError("segment_slices: this is a 3D model; use segment with 3D prompts")
     x = _as_volume(image, self.model.foundation.in_channels)
     n, plane = x.shape[1], tuple(x.shape[2:])
+    mask_input = _mask_input(mask_input, x.shape[1:])
     cls = self.check_task(task) if task is not None else None
     return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
     items: list[_Prompt | None] = [None] * n
@@ -334,9 +377,9 @@ def _segment_slices(self: Segmenter, image, boxes: Mapping[int, np.ndarray] | No
         pts, lab = (points or {}).get(z, (None, None))
         try: pts, lab, b = _check_prompt_arrays(pts, lab, (boxes or {}).get(z), plane)
         except AmalgamError as e: raise AmalgamError(f"slice {z}: {e}") from None
-        items[z] = _Prompt(pts, lab, b, cls)
+        items[z] = _Prompt(pts, lab, b, cls, None if mask_input is None else mask_input[z])
     if not any(items) and not return_weights: raise AmalgamError("segment_slices: no prompt on any slice; give boxes, points or a task")
-    out = _infer(self, x.permute(1, 0, 2, 3), items, return_weights, progress)
+    out = _infer(self, x.permute(1, 0, 2, 3), items, return_weights, progress, x)
     return _result(self, out.permute(1, 0, 2, 3), return_probability, return_weights)
 
 Segmenter.segment = _segment
@@ -346,6 +389,11 @@ Segmenter.segment_slices = _segment_slices
 EVAL_MODES = ("auto", "box", "click1", "click3")
 
 def _slices_with(gt: np.ndarray) -> list[int]: return [int(z) for z in np.flatnonzero(gt.reshape(len(gt), -1).any(1))]
+
+def _logit(probability: np.ndarray) -> np.ndarray:
+    "Mask logits of a blended probability map: what a corrective round feeds back as the mask input, as training does."
+    p = np.clip(np.asarray(probability, np.float64), 1e-6, 1 - 1e-6)
+    return (np.log(p) - np.log1p(-p)).astype(np.float32)
 
 def _corrective(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int] | None:
     c = corrective_click(torch.from_numpy(pred.astype(bool)), torch.from_numpy(gt), None)
@@ -363,26 +411,27 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
     if segmenter.spatial_dims == 3:
         if mode == "box": return segmenter.segment(image, box=box_from_mask(torch.from_numpy(gt), 0.0, None).numpy()).mask
         points, labels = [np.asarray(center_click(torch.from_numpy(gt)), dtype=np.float64)], [1]
-        pred = segmenter.segment(image, points=np.stack(points), point_labels=labels).mask
+        res = segmenter.segment(image, points=np.stack(points), point_labels=labels, return_probability=True)
         for _ in range(n_rounds - 1):
-            if (c := _corrective(pred, gt)) is None: break
+            if (c := _corrective(res.mask, gt)) is None: break
             points.append(c[0]); labels.append(c[1])
-            pred = segmenter.segment(image, points=np.stack(points), point_labels=labels).mask
-        return pred
+            res = segmenter.segment(image, points=np.stack(points), point_labels=labels, return_probability=True,
+                                    mask_input=_logit(res.probability))
+        return res.mask
     zs = _slices_with(gt)
     if mode == "box":
         return segmenter.segment_slices(image, boxes={z: box_from_mask(torch.from_numpy(gt[z]), 0.0, None).numpy() for z in zs}).mask
     clicks = {z: ([np.asarray(center_click(torch.from_numpy(gt[z])), dtype=np.float64)], [1]) for z in zs}
     as_arrays = lambda: {z: (np.stack(p), np.array(l)) for z, (p, l) in clicks.items()}
-    pred = segmenter.segment_slices(image, points=as_arrays()).mask
+    res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True)
     for _ in range(n_rounds - 1):
         added = False
         for z in zs:
-            if (c := _corrective(pred[z], gt[z])) is None: continue
+            if (c := _corrective(res.mask[z], gt[z])) is None: continue
             clicks[z][0].append(c[0]); clicks[z][1].append(c[1]); added = True
         if not added: break
-        pred = segmenter.segment_slices(image, points=as_arrays()).mask
-    return pred
+        res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True, mask_input=_logit(res.probability))
+    return res.mask
 
 # %% ../nbs/12_infer.ipynb
 PROMPT_KEYS = ("coordinate_system", "points", "point_labels", "box", "task")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import Tensor, nn
 
+from .amalgamation import routing_accuracy, routing_loss
 from .config import AmalgamError, DictConfig
 
 # %% auto 0
@@ -31,6 +32,7 @@ class LossConfig(DictConfig):
     # distil only voxels where the teacher's top class probability (at T = 1) reaches this (0: every voxel)
     kd_confidence: float = 0.0
     iou_weight: float = 1.0  # MSE of the IoU head against the IoU the mask really has
+    routing_weight: float = 0.0  # auxiliary loss pulling each element's expert weights toward its own task's expert
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -142,6 +144,8 @@ class KA2ERLoss(nn.Module):
                 teacher_prob: Tensor | None = None,  # B x 1 x *spatial teacher probability at `kd_temperature` (see `teacher_probability`)
                 has_teacher: Tensor | None = None,  # B bool: which samples have a teacher (default: all, when teacher_prob is given)
                 teacher_weight: Tensor | None = None,  # B x 1 x *spatial: voxels to distil (see `teacher_confidence`)
+                expert_weights: Mapping[int, Tensor] | None = None,  # stride -> B x (K+1) x *grid amalgamation weights
+                own_expert: Tensor | None = None,  # B: channel of each element's own expert in the weights (-1: none)
                 ) -> dict:
         "dict(loss: float32 scalar to backpropagate; seg, kd, iou: its float32 parts, detached for logging; mask_index: LongTensor B, the mask trained per sample)."
         c = self.config
@@ -169,4 +173,10 @@ class KA2ERLoss(nn.Module):
         with _no_autocast(iou):
             iou_loss = F.mse_loss(iou.float(), iou_targets(masks, target))
         loss = seg + c.kd_weight * kd + c.iou_weight * iou_loss
-        return dict(loss=loss, seg=seg.detach(), kd=kd.detach(), iou=iou_loss.detach(), mask_index=mask_index)
+        routing, routing_acc = seg.new_zeros(()), seg.new_full((), float("nan"))
+        if expert_weights and own_expert is not None:
+            routing_acc = routing_accuracy(expert_weights, own_expert)
+            if c.routing_weight > 0: routing = routing_loss(expert_weights, own_expert)
+            loss = loss + c.routing_weight * routing
+        return dict(loss=loss, seg=seg.detach(), kd=kd.detach(), iou=iou_loss.detach(), routing=routing.detach(),
+                    routing_acc=routing_acc.detach(), mask_index=mask_index)

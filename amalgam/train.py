@@ -26,16 +26,16 @@ from tqdm.auto import tqdm
 from .config import AmalgamError, DictConfig, atomic_path, atomic_write, rng, seed_everything, sha256_file, write_json
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
-from .losses import KA2ERLoss, LossConfig, teacher_probability
+from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
 from .manifests import Manifest, load_manifest
 from .model import KA2ER, KA2ERConfig, build_model
 from .prompts import LayerNormChannels, Prompts
 
 # %% auto 0
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
-           'task_experts', 'teacher_rows', 'teacher_targets', 'multimask_for', 'best_mask', 'add_click', 'StepContext',
-           'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff',
-           'read_run_config', 'train', 'load_run']
+           'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'multimask_for', 'best_mask',
+           'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'train_step', 'rng_state',
+           'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff', 'read_run_config', 'train', 'load_run']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -154,24 +154,39 @@ def teacher_rows(tasks: Sequence[str], experts_of: Mapping[str, str]) -> dict[st
         if t in experts_of: rows.setdefault(experts_of[t], []).append(i)
     return rows
 
-def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts_of: Mapping[str, str], temperature: float) -> tuple[Tensor | None, Tensor]:
-    """Per element the softened probability of its prompted class under its task's expert (`B x 1 x *patch`, None when no element
-    has one) and a bool mask of the elements that have one. `logits[expert]` holds the logits of that expert's elements only, in
-    batch order: what `ExpertBank.encode(image, logits=teacher_rows(batch.task, experts_of))` returns."""
+def teacher_channel(expert: Expert, value: int) -> int:
+    """The output channel of label value `value` in `expert`: nnU-Net's label manager orders an expert's label values into
+    channels, so the channel equals the value only when the values are 0, 1, 2, ... without gaps."""
+    values = list(expert.label_manager.all_labels)
+    if int(value) not in values:
+        raise AmalgamError(f"expert {expert.name!r} ({expert.source or 'in memory'}) has no label value {int(value)} "
+                           f"to teach; its labels are {expert.labels}")
+    return values.index(int(value))
+
+def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts: ExpertBank, experts_of: Mapping[str, str],
+                    temperature: float, confidence: float = 0.0) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Distillation targets of a batch: (per element the softened probability of its prompted class under its own task's
+    expert, `B x 1 x *patch`, None when no element has a teacher; a bool mask `B` of the elements that have one; the voxels
+    to distil, `B x 1 x *patch` where the teacher's top class probability reaches `confidence`, None when `confidence` is 0).
+    `logits[expert]` holds the logits of that expert's elements only, in batch order: what
+    `ExpertBank.encode(image, logits=teacher_rows(batch.task, experts_of))` returns."""
     rows = teacher_rows(batch.task, experts_of)
     has = torch.tensor([t in experts_of for t in batch.task], dtype=torch.bool)
-    if not has.any(): return None, has
+    if not has.any(): return None, has, None
     for n, r in rows.items():
         if n not in logits or len(logits[n]) != len(r):
-            raise AmalgamError(f"teacher_targets: expert {n!r} teaches batch elements {r}, but its logits hold "
-                               f"{'nothing' if n not in logits else f'{len(logits[n])} element(s)'}")
-    probs, seen = [], dict.fromkeys(rows, 0)
-    for i, (t, v) in enumerate(zip(batch.task, batch.class_value)):
-        if t not in experts_of: probs.append(torch.zeros_like(batch.target[i:i + 1])); continue
+            got = "nothing" if n not in logits else f"{len(logits[n])} element(s)"
+            raise AmalgamError(f"teacher_targets: expert {n!r} teaches batch elements {r}, but its logits hold {got}")
+    probs, weights, seen = [], [], dict.fromkeys(rows, 0)
+    for i, (t, value) in enumerate(zip(batch.task, batch.class_value)):
+        if t not in experts_of:
+            probs.append(torch.zeros_like(batch.target[i:i + 1])); weights.append(probs[-1]); continue
         n = experts_of[t]
-        probs.append(teacher_probability(logits[n][seen[n]:seen[n] + 1].float(), [v], temperature))
+        z = logits[n][seen[n]:seen[n] + 1].float()
+        probs.append(teacher_probability(z, [teacher_channel(experts[n], value)], temperature))
+        weights.append(teacher_confidence(z, confidence) if confidence > 0 else None)
         seen[n] += 1
-    return torch.cat(probs), has
+    return torch.cat(probs), has, (torch.cat(weights) if confidence > 0 else None)
 
 # %% ../nbs/11_train.ipynb
 def multimask_for(prompts: Prompts) -> bool:
@@ -207,6 +222,29 @@ class StepContext:
     loss_config: LossConfig
     config: TrainConfig
     dist: DistContext
+    volume_stats: dict[str, Tensor] | None = None  # expert -> N_cases x C x 2 whole-case normalisation statistics
+    teachers: ExpertBank | None = None  # the experts that distil, when not the amalgamated ones (the experts_k ablation)
+    teacher_stats: dict[str, Tensor] | None = None  # `volume_stats` of `teachers`
+
+def own_expert(tasks: Sequence[str], model: KA2ER) -> Tensor:
+    """Per element the channel of its own task's expert in `model`'s expert weights (-1: its expert is not amalgamated,
+    or the model has none): the target of routing accuracy and of the routing loss."""
+    names = [] if model.amalgamation is None else list(model.amalgamation.expert_names)
+    task_of = {} if model.experts is None else {model.experts[n].task: i for i, n in enumerate(names)}
+    return torch.tensor([task_of.get(t, -1) for t in tasks], dtype=torch.long)
+
+def expert_volume_stats(experts: ExpertBank | None, dataset: MultiTaskDataset) -> dict[str, Tensor] | None:
+    """expert -> `N x C x 2`: each expert's normalisation statistics of every case of `dataset`, computed once, so that a
+    z-score expert normalises a patch with its whole volume's mean and std, as nnU-Net normalised its training data."""
+    if experts is None: return None
+    per_case = [experts.volume_stats(dataset[i]["image"]) for i in range(len(dataset))]
+    return {n: torch.stack([s[n] for s in per_case]) for n in experts.names}
+
+def case_stats(table: Mapping[str, Tensor] | None, case_index: Sequence[int]) -> dict[str, Tensor] | None:
+    "The rows of `expert_volume_stats` for a batch's cases: expert -> `B x C x 2` (None without a table)."
+    if table is None: return None
+    idx = torch.as_tensor(list(case_index), dtype=torch.long)
+    return {n: t[idx] for n, t in table.items()}
 
 def _multimask(prompts: Prompts, ctx: DistContext) -> bool:
     "`multimask_for` over the GLOBAL batch: under DDP every rank must pick the same head, or the ranks would train different losses."
@@ -234,17 +272,27 @@ def _corrective_prompts(s: StepContext, batch: Batch, prompts: Prompts, feats, s
 def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     "Forward and backward of one batch on this rank (gradients are left in `.grad`); returns the detached loss terms."
     feats, logits = None, {}
-    if s.experts is not None and s.experts_of:  # each expert runs in its own precision (Expert.amp)
-        feats, logits = s.experts.encode(batch.image, logits=teacher_rows(batch.task, s.experts_of))
-    elif s.experts is not None: feats = s.experts.encode(batch.image)
-    teacher, has_teacher = teacher_targets(batch, logits, s.experts_of, s.loss_config.kd_temperature)
+    stats = case_stats(s.volume_stats, batch.case_index)
+    rows = teacher_rows(batch.task, s.experts_of)
+    teachers = s.experts if s.teachers is None else s.teachers
+    if s.experts is not None and rows and teachers is s.experts:  # one encoder pass: features and teachers' logits
+        feats, logits = s.experts.encode(batch.image, logits=rows, stats=stats)  # each in its own precision (Expert.amp)
+    elif s.experts is not None: feats = s.experts.encode(batch.image, stats=stats)
+    if rows and teachers is not s.experts:
+        _, logits = teachers.encode(batch.image, logits=rows, stats=case_stats(s.teacher_stats, batch.case_index))
+    c = s.loss_config
+    teacher, has_teacher, teacher_weight = teacher_targets(batch, logits, teachers, s.experts_of, c.kd_temperature,
+                                                           c.kd_confidence)
     prompts = batch.prompts.to(s.dist.device)
     if batch.mode == "points" and s.config.corrective_clicks: prompts = _corrective_prompts(s, batch, prompts, feats, step)
     with autocast(s.config, s.dist.device):
         out = s.model(batch.image, prompts, multimask_output=_multimask(prompts, s.dist), expert_features=feats)
-    terms = s.loss(out.masks.float(), out.iou.float(), batch.target, teacher, None if teacher is None else has_teacher.to(batch.target.device))
+    own = own_expert(batch.task, s.module)
+    terms = s.loss(out.masks.float(), out.iou.float(), batch.target, teacher,
+                   None if teacher is None else has_teacher.to(batch.target.device), teacher_weight,
+                   expert_weights=out.expert_weights, own_expert=own)
     terms["loss"].backward()
-    return {k: terms[k].detach() for k in ("loss", "seg", "kd", "iou")}
+    return {k: terms[k].detach() for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc")}
 
 # %% ../nbs/11_train.ipynb
 def rng_state() -> dict:
@@ -371,17 +419,21 @@ def _build(model_config: KA2ERConfig, experts: ExpertBank | None, ctx: DistConte
 
 def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.PathLike], model_config: KA2ERConfig, data_config: DataConfig,
           train_config: TrainConfig, loss_config: LossConfig, experts: ExpertBank | None, expert_sources: list[dict] | None = None,
-          resume: bool = True, progress: bool = True, root: str | os.PathLike | None = None) -> dict:
+          resume: bool = True, progress: bool = True, root: str | os.PathLike | None = None,
+          teachers: ExpertBank | None = None, teacher_sources: list[dict] | None = None) -> dict:
     """Train KA²ER (or the baseline, `experts=None`) into `run_dir` and return a summary (final step, last losses, seconds).
 
     `resume=True` continues from `run_dir/checkpoints/last.pt` when it exists (the configs must match the saved `config.json`);
     `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model. `root`: the nnUNet_raw folder
-    of the materialised manifests (default `$nnUNet_raw`). Under torchrun every rank calls `train` with the same arguments."""
+    of the materialised manifests (default `$nnUNet_raw`). `teachers`: the experts that distil, when they are not `experts`
+    (the `experts_k` ablation amalgamates fewer experts but keeps every task's teacher, so that only the features differ).
+    Under torchrun every rank calls `train` with the same arguments."""
     run_dir, t0 = Path(run_dir), time.perf_counter()
     ctx = distributed_context(train_config.device)
     manifests = [m if isinstance(m, Manifest) else load_manifest(m) for m in manifests]
     config = {"model": model_config.to_dict(), "data": data_config.to_dict(), "train": train_config.to_dict(), "loss": loss_config.to_dict(),
               "experts": _expert_sources(experts, expert_sources), "manifests": _manifest_refs(manifests)}
+    if teachers is not None: config["teachers"] = _expert_sources(teachers, teacher_sources)
     cfg_path, ckpt_path, metrics_path = run_dir / "config.json", run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
     if resume and cfg_path.is_file():
         diff = config_diff(read_run_config(run_dir), config)
@@ -409,8 +461,12 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
             for p in (ckpt_path, run_dir / "model.pt", metrics_path): p.unlink(missing_ok=True)
         else: _truncate_metrics(metrics_path, start)
     _barrier(ctx)
-    teachers = task_experts(experts, dataset.tasks) if loss_config.kd_weight > 0 else {}
-    s = StepContext(model, module, experts, teachers, KA2ERLoss(loss_config), loss_config, train_config, ctx)
+    if teachers is not None: teachers.to(ctx.device)
+    teaching = teachers if teachers is not None else experts
+    experts_of = task_experts(teaching, dataset.tasks) if loss_config.kd_weight > 0 else {}
+    s = StepContext(model, module, experts, experts_of, KA2ERLoss(loss_config), loss_config, train_config, ctx,
+                    expert_volume_stats(experts, dataset), teachers,
+                    expert_volume_stats(teachers, dataset) if teachers is not None and experts_of else None)
     bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps, disable=not (progress and ctx.is_main), desc=run_dir.name)
     window, n_window = 0.0, 0
     for step in bar:
@@ -424,7 +480,8 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
         window, n_window = window + time.perf_counter() - t_step, n_window + 1
         done = step + 1
         if done % train_config.log_every == 0 or done == train_config.steps:
-            last = {"step": done, "lr": lr, **_reduce_mean(terms, ctx), "grad_norm": float(norm), "seconds": window / n_window, "mode": batch.mode}
+            means = {k: v for k, v in _reduce_mean(terms, ctx).items() if not math.isnan(v)}  # routing_acc: none for the baseline
+            last = {"step": done, "lr": lr, **means, "grad_norm": float(norm), "seconds": window / n_window, "mode": batch.mode}
             window, n_window = 0.0, 0
             if ctx.is_main: _append_metrics(metrics_path, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
@@ -439,7 +496,7 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
 
 def _summary(run_dir, steps, start, ctx, last, seconds) -> dict:
     return {"run_dir": str(run_dir), "step": steps, "resumed_from": start or None, "world_size": ctx.world_size, "seconds": seconds,
-            **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "grad_norm", "lr")}}
+            **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "grad_norm", "lr")}}
 
 # %% ../nbs/11_train.ipynb
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", experts: ExpertBank | None = None) -> KA2ER:

@@ -229,7 +229,9 @@ def test_window_encodings_are_cached_and_change_nothing(seg2d, tmp_path):
     seg2d._cache = type(seg2d._cache)(2**28)
     for mode in ("auto", "box", "click3"):
         np.testing.assert_array_equal(prompted_segmentation(seg2d, x, gt, mode, "demo:ball"), prompted_segmentation(uncached, x, gt, mode, "demo:ball"))
-    assert len(seg2d._cache) == 4 and len(uncached._cache) == 0  # the four slices, encoded once for all modes and clicks
+    # task routing: the class prompt biases the expert weighting, so a window is encoded once per class asked of it: the four
+    # slices for automatic mode, and the two prompted slices once more without a class for the box and all the clicks
+    assert len(seg2d._cache) == 6 and len(uncached._cache) == 0
     calls = []
     encode = seg2d.model.foundation.forward
     seg2d.model.foundation.forward = lambda *a, **k: calls.append(1) or encode(*a, **k)
