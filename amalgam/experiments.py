@@ -29,9 +29,9 @@ from .model import KA2ERConfig
 from .train import TrainConfig, train
 
 # %% auto 0
-__all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'expert_bank', 'expert_precision', 'sub_bank', 'data_root',
-           'pretrained_foundation', 'train_variant', 'task_labels', 'evaluate_model', 'evaluate_experts', 'slice_boxes',
-           'evaluate_litemedsam', 'paired_comparison', 'overlay_figure']
+__all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'same_as_full', 'expert_bank', 'expert_precision',
+           'sub_bank', 'data_root', 'pretrained_foundation', 'train_variant', 'task_labels', 'evaluate_model',
+           'evaluate_experts', 'slice_boxes', 'evaluate_litemedsam', 'paired_comparison', 'overlay_figure']
 
 # %% ../nbs/17_experiments.ipynb
 @dataclass
@@ -52,6 +52,9 @@ class Recipe(DictConfig):
     num_heads: int = 4
     transformer_dim: int = 64
     embed_stride: int = 16
+    scales: tuple[int, ...] = (8, 16, 32)  # foundation strides where the experts are amalgamated
+    zero_init_expert_path: bool = True  # KA²ER starts as the baseline: the expert path adds exactly zero at step 0
+    task_routing: bool = True  # the class prompt biases the expert weighting (learned, zero at start)
     # training
     steps: int = 200
     lr: float = 5e-4
@@ -60,6 +63,9 @@ class Recipe(DictConfig):
     corrective_clicks: int = 1
     kd_weight: float = 0.5
     kd_temperature: float = 2.0
+    kd_confidence: float = 0.0  # distil only where the teacher's top class probability reaches this (0: everywhere)
+    routing_weight: float = 0.0  # auxiliary loss toward each element's own expert in the adaptive weighting
+    ablation_steps: int | None = None  # steps of every ablation variant and its full reference (None: `steps`)
     # self-supervised pretraining of the foundation (0: none; the "no pretraining" ablation always starts from scratch)
     pretrain_steps: int = 100
     # evaluation
@@ -71,6 +77,7 @@ class Recipe(DictConfig):
 
     def __post_init__(self):
         self.patch_size, self.modes = tuple(int(s) for s in self.patch_size), tuple(self.modes)
+        self.scales = tuple(int(s) for s in self.scales)
         if self.spatial_dims not in (2, 3): raise AmalgamError(f"Recipe.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if len(self.patch_size) != self.spatial_dims:
             raise AmalgamError(f"Recipe.patch_size {list(self.patch_size)}: needs {self.spatial_dims} sizes for spatial_dims={self.spatial_dims}")
@@ -81,10 +88,22 @@ class Recipe(DictConfig):
             if int(getattr(self, k)) < 1: raise AmalgamError(f"Recipe.{k}: must be >= 1, got {getattr(self, k)!r}")
 
     @classmethod
-    def from_params(cls, params: Mapping, strict: bool = False) -> "Recipe":
-        "The recipe from a notebook's parameters: recipe fields are taken, other keys ignored (or, with `strict`, an error naming them)."
-        if strict: return cls.from_dict(params)
-        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+    def from_notebook(cls, recipe: Mapping | None, device: str, seed: int) -> "Recipe":
+        """The recipe of an experiment notebook: its `recipe` parameter (a mapping of fields, e.g. a params file's
+        `recipe:` section; a misspelt key is an error with a did-you-mean hint) with the notebook's `device` and `seed`."""
+        given = dict(recipe or {})
+        twice = sorted({"device", "seed"} & set(given))
+        if twice:
+            raise AmalgamError(f"recipe: {twice} are notebook parameters of their own; "
+                               f"pass them as -p {twice[0]}=..., not inside the recipe")
+        return cls.from_dict({**given, "device": device, "seed": seed})
+
+    def with_steps(self, steps: int | None) -> "Recipe":
+        """The recipe trained for `steps` (None: unchanged), its warm-up and checkpoint interval scaled along, so a shorter
+        run keeps the recipe's schedule shape rather than spending most of itself warming up."""
+        if steps is None or steps == self.steps: return self
+        warmup = round(self.warmup_steps * steps / self.steps)
+        return dataclasses.replace(self, steps=steps, warmup_steps=warmup, checkpoint_every=min(self.checkpoint_every, steps))
 
 # %% ../nbs/17_experiments.ipynb
 ABLATIONS = {
@@ -93,6 +112,11 @@ ABLATIONS = {
     "no_adaptive_weighting": {"model": {"use_adaptive_weighting": False}},
     "no_distillation": {"loss": {"kd_weight": 0.0}},
     "no_pretraining": {"pretrained": False},
+    "no_zero_init": {"model": {"zero_init_expert_path": False}},
+    "no_task_routing": {"model": {"task_routing": False}},
+    "no_routing_loss": {"loss": {"routing_weight": 0.0}},
+    "no_kd_confidence": {"loss": {"kd_confidence": 0.0}},
+    "coarse_scales": {"model": {"scales": (8, 16, 32)}},
 }
 
 def variant_edit(name: str, n_experts: int) -> dict:
@@ -113,15 +137,24 @@ def variant_configs(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: st
     n_experts = len(tasks) if n_experts is None else n_experts
     edit, r = variant_edit(name, n_experts), recipe
     use_pretrained = pretrained is not None and edit.get("pretrained", True)
-    model = KA2ERConfig(spatial_dims=r.spatial_dims, feature_size=r.feature_size, hidden_dim=r.hidden_dim, num_heads=r.num_heads,
-                        transformer_dim=r.transformer_dim, iou_head_hidden_dim=r.transformer_dim, embed_stride=r.embed_stride,
-                        tasks={t: list(c) for t, c in tasks.items()}, pretrained=str(pretrained) if use_pretrained else None,
-                        seed=r.seed, **edit.get("model", {}))
+    model = KA2ERConfig(**{
+        "spatial_dims": r.spatial_dims, "feature_size": r.feature_size, "hidden_dim": r.hidden_dim, "num_heads": r.num_heads,
+        "transformer_dim": r.transformer_dim, "iou_head_hidden_dim": r.transformer_dim, "embed_stride": r.embed_stride,
+        "scales": r.scales, "zero_init_expert_path": r.zero_init_expert_path, "task_routing": r.task_routing,
+        "tasks": {t: list(c) for t, c in tasks.items()}, "pretrained": str(pretrained) if use_pretrained else None,
+        "seed": r.seed, **edit.get("model", {})})
     data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)
     trn = TrainConfig(steps=r.steps, lr=r.lr, warmup_steps=r.warmup_steps, checkpoint_every=r.checkpoint_every,
                       corrective_clicks=r.corrective_clicks, device=r.device, seed=r.seed)
-    loss = LossConfig(**{"kd_weight": r.kd_weight, "kd_temperature": r.kd_temperature, **edit.get("loss", {})})
+    loss = LossConfig(**{"kd_weight": r.kd_weight, "kd_temperature": r.kd_temperature, "kd_confidence": r.kd_confidence,
+                         "routing_weight": r.routing_weight, **edit.get("loss", {})})
     return model, data, trn, loss, edit.get("experts", n_experts)
+
+def same_as_full(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str, n_experts: int | None = None,
+                 pretrained: str | os.PathLike | None = None) -> bool:
+    "Whether variant `name` is the full `ka2er` under this recipe (e.g. `no_routing_loss` when `routing_weight` is 0)."
+    full = variant_configs(recipe, tasks, "ka2er", n_experts, pretrained)
+    return variant_configs(recipe, tasks, name, n_experts, pretrained) == full
 
 # %% ../nbs/17_experiments.ipynb
 def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recipe, workspace_dir: str | os.PathLike | None = None,
@@ -186,9 +219,11 @@ def train_variant(name: str, recipe: Recipe, manifests: Sequence[str | os.PathLi
     tasks = task_classes(manifests)
     model, data, trn, loss, k = variant_configs(recipe, tasks, name, len(bank), pretrained)
     experts, used = sub_bank(bank, sources, k)
+    # fewer amalgamated experts, the same teachers: experts_k differs from the full model in its features only
+    partial = 0 < k < len(bank)
     run_dir = (Path(runs_dir) if runs_dir is not None else workspace(workspace_dir) / "runs") / name
     train(run_dir, list(manifests), model, data, trn, loss, experts, expert_sources=used, resume=True, progress=progress,
-          root=data_root(workspace_dir))
+          root=data_root(workspace_dir), teachers=bank if partial else None, teacher_sources=list(sources) if partial else None)
     return run_dir
 
 # %% ../nbs/17_experiments.ipynb

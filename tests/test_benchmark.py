@@ -14,7 +14,7 @@ TINY = {"dims": [2, 3], "sizes_2d": [[64, 64], [64, 128]], "sizes_3d": [[32, 32,
 
 def test_benchmark_notebook_measures_every_part(tmp_path):
     out = tmp_path / "benchmark"
-    run_notebook(NB, out, {**TINY, "demo_reports": str(tmp_path / "no_demo")}, index=False)
+    run_notebook(NB, out, {**TINY, "demo_reports": str(tmp_path / "no_demo")})
     m = json.loads((out / "metrics.json").read_text())
     assert (out / "report.html").is_file() and (out / "provenance.json").is_file()
     # (1) SwinUNETR alone (K=0) and each K, per dimensionality and size

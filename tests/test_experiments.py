@@ -34,10 +34,11 @@ def bench(tmp_path_factory):
     return {"manifests": manifests, "workspace": str(ws), "expert_folders": folders, "root": root}
 
 
-def _run(bench, notebook, name, **extra):
+def _run(bench, notebook, name, recipe=None, **extra):
     out = bench["root"] / "reports" / name
-    params = {"manifests": bench["manifests"], "workspace": bench["workspace"], "expert_folders": bench["expert_folders"], **TINY, **extra}
-    run_notebook(NBS / notebook, out, params, index=False)
+    params = {"manifests": bench["manifests"], "workspace": bench["workspace"], "recipe": {**TINY, **(recipe or {})}, **extra}
+    if notebook != "evaluate.ipynb": params["expert_folders"] = bench["expert_folders"]  # evaluate uses the run's own experts
+    run_notebook(NBS / notebook, out, params, overwrite=True)
     return json.loads((out / "metrics.json").read_text()), out
 
 
@@ -60,7 +61,9 @@ def test_train_evaluate_ablate_and_reproduce(bench):
     first = (bench["root"] / "reports" / "evaluate" / "metrics.json").read_bytes()
     first_train = (bench["root"] / "reports" / "train" / "metrics.json").read_bytes()
 
-    ab, _ = _run(bench, "ablations.ipynb", "ablations", variants=["no_distillation"], expert_counts=[1], ablation_modes=["auto"], ablation_steps=3)
+    ab, _ = _run(bench, "ablations.ipynb", "ablations", variants=["no_distillation", "no_routing_loss"], expert_counts=[1],
+                 ablation_modes=["auto"], recipe={"ablation_steps": 2})
+    assert ab["skipped_as_full"] == ["no_routing_loss"]  # routing_weight is 0 in this recipe: nothing to ablate
     assert ab["variants"] == ["ka2er", "no_distillation", "experts_k1"]
     assert {r["method"] for r in ab["records"]} == set(ab["variants"])
 
