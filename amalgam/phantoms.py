@@ -387,7 +387,7 @@ class PhantomTask:
     touching: tuple[tuple[str, str], ...]  # structure pairs that share a boundary in every case
     draw: Callable                    # (generator, coordinates) -> (int16 image, uint8 label)
     shape: tuple[int, int, int] = (64, 64, 64)
-    n_cases: int = 16
+    n_cases: int = 24  # 14 train, 5 val, 5 test: a paired comparison over 5 test cases x every class per task
 
     @property
     def label_map(self) -> dict:

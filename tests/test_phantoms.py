@@ -1,4 +1,4 @@
-"Checks of the embedded phantom benchmark against the committed manifests (all 4 tasks x 16 cases at 64³)."
+"Checks of the embedded phantom benchmark against the committed manifests (all 4 tasks x 24 cases at 64³)."
 import gzip
 import hashlib
 import itertools
