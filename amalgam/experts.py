@@ -22,6 +22,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask, crop_to_nonzero
@@ -37,21 +38,23 @@ from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspa
 from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
-__all__ = ['SMOKE_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', 'NNUNET_DEFAULT_FEATURES', 'nnUNetTrainer_AmalgamSmoke',
-           'install_trainers', 'NnUNetPaths', 'manifest_splits', 'train_expert', 'training_summary', 'FeatureSpec',
-           'feature_specs_from_plans', 'Expert', 'synthetic_plans', 'tiny_test_expert', 'save_model_folder',
-           'read_image', 'ExpertBank']
+__all__ = ['SMOKE_TRAINER', 'CPU_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', 'DEFAULT_PLANS', 'CPU_PLANS', 'AMALGAM_PLANNERS',
+           'TRAINER_PLANS', 'NNUNET_DEFAULT_FEATURES', 'nnUNetTrainer_AmalgamCPU', 'nnUNetTrainer_AmalgamSmoke',
+           'nnUNetPlannerAmalgamCPU', 'plan_variant', 'install_trainers', 'NnUNetPaths', 'manifest_splits',
+           'train_expert', 'training_summary', 'FeatureSpec', 'feature_specs_from_plans', 'Expert', 'synthetic_plans',
+           'tiny_test_expert', 'save_model_folder', 'read_image', 'ExpertBank']
 
 # %% ../nbs/03_experts.ipynb
-class nnUNetTrainer_AmalgamSmoke(nnUNetTrainer):
-    "CPU smoke profile: 2 epochs of 10 training / 2 validation iterations of at most 8 samples; final validation without test-time mirroring."
+class nnUNetTrainer_AmalgamCPU(nnUNetTrainer):
+    """CPU profile: 20 epochs of 50 training / 4 validation iterations of at most 8 samples (1000 iterations); final
+    validation without test-time mirroring."""
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # the argument names must equal nnUNetTrainer's: nnU-Net records them in every checkpoint as `init_args`
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 2
+        self.num_epochs = 20
+        self.num_iterations_per_epoch = 50
+        self.num_val_iterations_per_epoch = 4
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
@@ -64,9 +67,47 @@ class nnUNetTrainer_AmalgamSmoke(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = None
         return out
 
+class nnUNetTrainer_AmalgamSmoke(nnUNetTrainer_AmalgamCPU):
+    "CPU smoke profile: `nnUNetTrainer_AmalgamCPU` for 2 epochs of 10 training / 2 validation iterations."
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2
+
 SMOKE_TRAINER = "nnUNetTrainer_AmalgamSmoke"
+CPU_TRAINER = "nnUNetTrainer_AmalgamCPU"
 FULL_TRAINER = "nnUNetTrainer"
-AMALGAM_TRAINERS = (SMOKE_TRAINER,)
+AMALGAM_TRAINERS = (CPU_TRAINER, SMOKE_TRAINER)
+
+# %% ../nbs/03_experts.ipynb
+DEFAULT_PLANS = "nnUNetPlans"
+CPU_PLANS = "nnUNetPlansAmalgamCPU"
+
+class nnUNetPlannerAmalgamCPU(ExperimentPlanner):
+    "nnU-Net's default planner with half the features per stage, for CPU experts; writes `nnUNetPlansAmalgamCPU.json`."
+    def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = CPU_PLANS,
+                 overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        self.UNet_base_num_features = 16
+        self.UNet_max_features_2d = 256
+        self.UNet_max_features_3d = 160
+
+AMALGAM_PLANNERS = {CPU_PLANS: nnUNetPlannerAmalgamCPU}
+TRAINER_PLANS = {CPU_TRAINER: CPU_PLANS, SMOKE_TRAINER: DEFAULT_PLANS}
+
+def plan_variant(dataset_id: int, plans: str, configuration: str, num_processes: int) -> None:
+    """Plan `plans` (a key of `AMALGAM_PLANNERS`) for a fingerprinted dataset with its planner and preprocess
+    `configuration` for it, through nnU-Net's own planning and preprocessing API. nnU-Net reads its folders from the
+    environment when it is imported: `train_expert` runs this in a process of its own."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset, preprocess_dataset
+    if plans not in AMALGAM_PLANNERS:
+        raise AmalgamError(f"plans: no amalgam planner for {plans!r} (have {list(AMALGAM_PLANNERS)})")
+    plan_experiment_dataset(dataset_id, AMALGAM_PLANNERS[plans], overwrite_plans_name=plans)
+    preprocess_dataset(dataset_id, plans, [configuration], [num_processes], show_progress_bar=False)
 
 # %% ../nbs/03_experts.ipynb
 def install_trainers(folder: str | os.PathLike) -> Path:
@@ -106,11 +147,12 @@ class NnUNetPaths:
 # %% ../nbs/03_experts.ipynb
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
 
-def _run_nnunet(module: str, args: Sequence[str], env: Mapping[str, str], log: Path, what: str) -> None:
-    "Run `python -m module args` with `env`, logging to `log`; a non-zero exit becomes an AmalgamError quoting the log's end."
+def _run_nnunet(args: Sequence, env: Mapping[str, str], log: Path, what: str) -> None:
+    """Run `python *args` (`-m module ...` or `-c code`) with `env`, logging to `log`; a non-zero exit becomes an
+    AmalgamError quoting the log's end."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=dict(env), stdout=f,
+        rc = subprocess.run([sys.executable, *map(str, args)], env=dict(env), stdout=f,
                             stderr=subprocess.STDOUT, cwd=log.parent).returncode
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -144,12 +186,14 @@ def _write_splits(folder: Path, splits: list[dict]) -> None:
 
 def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: str = SMOKE_TRAINER,
                  device: str | torch.device = "cpu", workspace_dir: str | os.PathLike | None = None,
-                 plans: str = "nnUNetPlans", overwrite: bool = False) -> Path:
+                 plans: str | None = None, overwrite: bool = False) -> Path:
     """Plan, preprocess (verifying the dataset) and train one nnU-Net expert for `manifest`; return its model folder.
 
     `manifest`: a data manifest (YAML path or `amalgam.manifests.Manifest`) or an nnU-Net raw `DatasetXXX_Name` folder.
     `configuration`: an nnU-Net configuration (`2d`, `3d_fullres`, ...). `trainer`: an nnU-Net trainer class name
-    (`SMOKE_TRAINER` for the CPU smoke profile, `FULL_TRAINER` for nnU-Net's default). The model folder is
+    (`SMOKE_TRAINER` for the CPU smoke profile, `CPU_TRAINER` for accurate CPU experts, `FULL_TRAINER` for nnU-Net's
+    default). `plans`: the nnU-Net plans identifier, default the trainer's (`TRAINER_PLANS`, else `nnUNetPlans`); a key
+    of `AMALGAM_PLANNERS` is planned by amalgam's planner class after nnU-Net's fingerprint. The model folder is
     `<workspace>/nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>` with `fold_<fold>` inside;
     a fold that already has `checkpoint_final.pth` is kept unless `overwrite`. For a manifest, fold 0 is the manifest's
     split (`manifest_splits`, written as nnU-Net's `splits_final.json`), so the expert trains on the cases every other
@@ -161,6 +205,7 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
     device = str(torch.device(device).type)
     if device not in ("cpu", "cuda", "mps"): raise AmalgamError(f"device: nnU-Net trains on cpu, cuda or mps, not {device!r}")
     paths = NnUNetPaths.under(workspace_dir)
+    plans = TRAINER_PLANS.get(trainer, DEFAULT_PLANS) if plans is None else plans
     if isinstance(manifest, (str, os.PathLike)) and not Path(manifest).is_dir(): manifest = load_manifest(manifest)
     raw = _raw_dataset(manifest, paths)
     name, dataset_id = raw.name, int(_DATASET_RE.match(raw.name).group(1))
@@ -174,11 +219,18 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
         paths.preprocessed.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=paths.preprocessed) as stage:
             if pre.exists(): shutil.copytree(pre, Path(stage) / name)
-            _run_nnunet("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
-                        ["-d", dataset_id, "-c", configuration, "-np", n_proc, "-npfp", n_proc,
-                         "--verify_dataset_integrity"],
-                        {**env, "nnUNet_preprocessed": stage}, logs / f"{name}__{configuration}__preprocess.log",
+            stage_env, variant = {**env, "nnUNet_preprocessed": stage}, plans in AMALGAM_PLANNERS
+            # nnU-Net's fingerprint (and its default plans); a variant's own plans and preprocessing follow
+            _run_nnunet(["-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "-d", dataset_id,
+                         "-c", configuration, "-np", n_proc, "-npfp", n_proc, "--verify_dataset_integrity",
+                         *(["--no_pp"] if variant else [])],
+                        stage_env, logs / f"{name}__{configuration}__preprocess.log",
                         f"nnU-Net planning/preprocessing of {raw}")
+            if variant:
+                _run_nnunet(["-c", f"from amalgam.experts import plan_variant; "
+                                   f"plan_variant({dataset_id}, {plans!r}, {configuration!r}, {n_proc})"],
+                            stage_env, logs / f"{name}__{plans}__{configuration}__preprocess.log",
+                            f"planning/preprocessing of {raw} with {AMALGAM_PLANNERS[plans].__name__}")
             if not _is_preprocessed(Path(stage) / name, plans, configuration):
                 raise AmalgamError(f"{raw}: nnU-Net has no configuration {configuration!r} in plans {plans!r}")
             replace_dir(Path(stage) / name, pre)
@@ -188,8 +240,9 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
     if (model / f"fold_{fold}" / "checkpoint_final.pth").is_file() and not overwrite: return model
     paths.results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=paths.results) as stage:
-        _run_nnunet("nnunetv2.run.run_training", [name, configuration, fold, "-tr", trainer, "-p", plans, "-device", device],
-                    {**env, "nnUNet_results": stage}, logs / f"{name}__{trainer}__{configuration}__fold{fold}__train.log",
+        _run_nnunet(["-m", "nnunetv2.run.run_training", name, configuration, fold, "-tr", trainer, "-p", plans,
+                     "-device", device], {**env, "nnUNet_results": stage},
+                    logs / f"{name}__{trainer}__{configuration}__fold{fold}__train.log",
                     f"nnU-Net training of {name} ({trainer}, {configuration}, fold {fold})")
         staged = Path(stage) / name / model.name
         if not (staged / f"fold_{fold}" / "checkpoint_final.pth").is_file():

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from amalgam.config import AmalgamError
-from amalgam.experts import (SMOKE_TRAINER, Expert, ExpertBank, FeatureSpec, NnUNetPaths, read_image, save_model_folder,
-                             tiny_test_expert, train_expert, training_summary)
+from amalgam.experts import (CPU_PLANS, CPU_TRAINER, SMOKE_TRAINER, Expert, ExpertBank, FeatureSpec, NnUNetPaths,
+                             read_image, save_model_folder, tiny_test_expert, train_expert, training_summary)
 
 LABELS = {"background": 0, "sphere": 1, "ball": 2}
 CONFIG = "2d"  # 2D trains ~3x faster on CPU; 3D experts are covered with tiny experts and by nbs/03_experts
@@ -372,28 +372,33 @@ def test_segment_image_runs_in_the_experts_precision():
     hook.remove()
 
 
-def test_planning_uses_nnunet_def_n_proc_workers(tmp_path, monkeypatch):
-    "nnUNetv2_plan_and_preprocess gets -np and -npfp from nnUNet_def_n_proc (its own defaults are 8 and 8)."
+def test_planning_workers_and_the_trainers_plans(tmp_path, monkeypatch):
+    """nnUNetv2_plan_and_preprocess gets -np and -npfp from nnUNet_def_n_proc (its own defaults are 8 and 8); the CPU
+    trainer's plans are amalgam's variant, planned by its planner after nnU-Net's fingerprint (no default
+    preprocessing)."""
     import amalgam.experts as ex
     calls = []
-
-    def record(module, args, env, log, what):
-        calls.append([str(a) for a in args])
-        raise AmalgamError("stopped after recording the call")
-    monkeypatch.setattr(ex, "_run_nnunet", record)
+    monkeypatch.setattr(ex, "_run_nnunet", lambda args, env, log, what: calls.append([str(a) for a in args]))
     raw = make_raw_dataset(tmp_path / "raw", dataset_id=992, n_train=2, n_test=0, shape=(24, 24, 24))
     for n_proc, expected in ((None, "2"), ("3", "3")):
         if n_proc is None: monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
         else: monkeypatch.setenv("nnUNet_def_n_proc", n_proc)
-        with pytest.raises(AmalgamError, match="stopped after recording"):
-            train_expert(raw, workspace_dir=tmp_path / "ws")
+        with pytest.raises(AmalgamError, match="no configuration '2d' in plans 'nnUNetPlans'"):
+            train_expert(raw, workspace_dir=tmp_path / "ws")  # nothing was really preprocessed
         args = calls[-1]
         assert args[args.index("-np") + 1] == expected and args[args.index("-npfp") + 1] == expected
+        assert "--no_pp" not in args
+    calls.clear()
+    with pytest.raises(AmalgamError, match=f"no configuration '2d' in plans '{CPU_PLANS}'"):
+        train_expert(raw, trainer=CPU_TRAINER, workspace_dir=tmp_path / "ws")
+    assert "--no_pp" in calls[0]
+    assert calls[1][0] == "-c" and f"plan_variant(992, '{CPU_PLANS}', '2d', 3)" in calls[1][1]
 
 
-def test_manifest_split_is_nnunet_fold_0(tmp_path):
+def test_manifest_split_is_nnunet_fold_0_and_cpu_plans(tmp_path):
     """Given a manifest, nnU-Net's fold 0 is the manifest's split (train: its train cases, val: its val cases, named as
-    nnU-Net names the preprocessed cases); a differing splits file is replaced, other files are left alone."""
+    nnU-Net names the preprocessed cases); a differing splits file is replaced, other files are left alone. The CPU
+    plans variant is nnU-Net's plan with half the features per stage, preprocessed by nnU-Net under its own name."""
     from amalgam.manifests import load_manifest, write_manifest
     from amalgam.phantoms import phantom_manifest
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -403,16 +408,23 @@ def test_manifest_split_is_nnunet_fold_0(tmp_path):
     ws = tmp_path / "ws"
     no_trainer = "nnUNetTrainer_NoSuchTrainer"  # stops right after planning, preprocessing and writing the split
     with pytest.raises(AmalgamError, match="nnU-Net training of"):
-        train_expert(manifest, trainer=no_trainer, workspace_dir=ws)
+        train_expert(manifest, trainer=no_trainer, workspace_dir=ws, plans=CPU_PLANS)
     pre = ws / "nnUNet_preprocessed" / manifest.dataset_folder_name
+    default, cpu = (json.loads((pre / f"{p}.json").read_text())["configurations"]["2d"]
+                    for p in ("nnUNetPlans", CPU_PLANS))
+    assert cpu["architecture"]["arch_kwargs"]["features_per_stage"] == [
+        f // 2 for f in default["architecture"]["arch_kwargs"]["features_per_stage"]]
+    assert (cpu["patch_size"], cpu["spacing"], cpu["normalization_schemes"]) == (
+        default["patch_size"], default["spacing"], default["normalization_schemes"])
+    assert not (pre / "nnUNetPlans_2d").exists()  # only the variant was preprocessed
     expected = [{"train": manifest.split["train"], "val": manifest.split["val"]}]
     assert json.loads((pre / "splits_final.json").read_text()) == expected
-    data = pre / "nnUNetPlans_2d"
+    data = pre / f"{CPU_PLANS}_2d"
     identifiers = set(infer_dataset_class(str(data)).get_identifiers(str(data)))
     assert identifiers == set(manifest.split["train"]) | set(manifest.split["val"])  # test cases are not nnU-Net's
     (pre / "splits_final.json").write_text(json.dumps([{"train": ["x"], "val": ["y"]}] * 5))
     (pre / "notes.txt").write_text("mine")
     with pytest.raises(AmalgamError, match="nnU-Net training of"):
-        train_expert(tmp_path / "mr_cardiac.yaml", trainer=no_trainer, workspace_dir=ws)
+        train_expert(tmp_path / "mr_cardiac.yaml", trainer=no_trainer, workspace_dir=ws, plans=CPU_PLANS)
     assert json.loads((pre / "splits_final.json").read_text()) == expected
     assert (pre / "notes.txt").read_text() == "mine"
