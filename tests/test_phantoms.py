@@ -48,7 +48,7 @@ def test_committed_manifests_are_valid_and_describe_the_tasks(committed):
         assert m.source == {"kind": "phantom", "task": name, "seed": 0, "n_cases": t.n_cases, "shape": list(t.shape),
                             "generator_version": GENERATOR_VERSION}
         assert [c.id for c in m.cases] == [case_id(name, i) for i in range(t.n_cases)]
-        assert [len(m.split[s]) for s in ("train", "val", "test")] == [10, 3, 3]
+        assert [len(m.split[s]) for s in ("train", "val", "test")] == [14, 5, 5]
     assert len({m.dataset_id for m in committed.values()}) == len(committed) and min(m.dataset_id for m in committed.values()) >= 501
 
 
