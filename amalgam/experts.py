@@ -46,19 +46,19 @@ __all__ = ['SMOKE_TRAINER', 'CPU_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', '
 
 # %% ../nbs/03_experts.ipynb
 class nnUNetTrainer_AmalgamCPU(nnUNetTrainer):
-    """CPU profile: 20 epochs of 50 training / 4 validation iterations of at most 8 samples (1000 iterations); final
+    """CPU profile: 30 epochs of 100 training / 4 validation iterations of at most 8 samples (3000 iterations); final
     validation without test-time mirroring."""
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # the argument names must equal nnUNetTrainer's: nnU-Net records them in every checkpoint as `init_args`
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 50
+        self.num_epochs = 30
+        self.num_iterations_per_epoch = 100  # long epochs: nnU-Net plots and checkpoints after each one
         self.num_val_iterations_per_epoch = 4
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
-        # nnU-Net sizes batches for a GPU (42 slices of 64² for a 2D phantom expert); 8 keeps a CPU iteration near a second
+        # nnU-Net sizes batches for a GPU (about 60 slices of 64² for a 2D phantom); 8 keeps CPU iterations short
         self.batch_size = min(self.batch_size, 8)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
@@ -140,8 +140,12 @@ class NnUNetPaths:
         env.update({k: str(v) for k, v in overrides.items()})
         ext = [str(self.trainers)] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(ext))
-        # nnU-Net otherwise starts 8 worker processes; callers' own settings win
-        for k, v in (("nnUNet_def_n_proc", "2"), ("nnUNet_n_proc_DA", "1"), ("OMP_NUM_THREADS", "2")): env.setdefault(k, v)
+        # nnU-Net otherwise starts 8 worker processes; OpenMP threads that spin while they wait slow a CPU training
+        # down on cores shared with other work (seen: 50-iteration epochs of 45-170 s, 7 s once passive, at similar
+        # load); callers' own settings win
+        defaults = {"nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "1", "OMP_NUM_THREADS": "2",
+                    "OMP_WAIT_POLICY": "PASSIVE"}
+        for k, v in defaults.items(): env.setdefault(k, v)
         return env
 
 # %% ../nbs/03_experts.ipynb
