@@ -68,12 +68,12 @@ class nnUNetTrainer_AmalgamCPU(nnUNetTrainer):
         return out
 
 class nnUNetTrainer_AmalgamSmoke(nnUNetTrainer_AmalgamCPU):
-    "CPU smoke profile: `nnUNetTrainer_AmalgamCPU` for 2 epochs of 10 training / 2 validation iterations."
+    "CPU smoke profile: `nnUNetTrainer_AmalgamCPU` for 10 epochs of 50 training / 2 validation iterations (500)."
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 10
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 50
         self.num_val_iterations_per_epoch = 2
 
 SMOKE_TRAINER = "nnUNetTrainer_AmalgamSmoke"
@@ -97,7 +97,7 @@ class nnUNetPlannerAmalgamCPU(ExperimentPlanner):
         self.UNet_max_features_3d = 160
 
 AMALGAM_PLANNERS = {CPU_PLANS: nnUNetPlannerAmalgamCPU}
-TRAINER_PLANS = {CPU_TRAINER: CPU_PLANS, SMOKE_TRAINER: DEFAULT_PLANS}
+TRAINER_PLANS = {CPU_TRAINER: CPU_PLANS, SMOKE_TRAINER: CPU_PLANS}
 
 def plan_variant(dataset_id: int, plans: str, configuration: str, num_processes: int) -> None:
     """Plan `plans` (a key of `AMALGAM_PLANNERS`) for a fingerprinted dataset with its planner and preprocess

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from amalgam.config import AmalgamError
-from amalgam.experts import (CPU_PLANS, CPU_TRAINER, SMOKE_TRAINER, Expert, ExpertBank, FeatureSpec, NnUNetPaths,
-                             read_image, save_model_folder, tiny_test_expert, train_expert, training_summary)
+from amalgam.experts import (CPU_PLANS, CPU_TRAINER, FULL_TRAINER, SMOKE_TRAINER, Expert, ExpertBank, FeatureSpec,
+                             NnUNetPaths, read_image, save_model_folder, tiny_test_expert, train_expert, training_summary)
 
 LABELS = {"background": 0, "sphere": 1, "ball": 2}
 CONFIG = "2d"  # 2D trains ~3x faster on CPU; 3D experts are covered with tiny experts and by nbs/03_experts
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 
 def test_training_writes_nnunet_results(trained):
     model, ws = trained["model"], trained["ws"]
-    assert model == ws / "nnUNet_results" / "Dataset990_TinyBlobs" / f"{SMOKE_TRAINER}__nnUNetPlans__{CONFIG}"
+    assert model == ws / "nnUNet_results" / "Dataset990_TinyBlobs" / f"{SMOKE_TRAINER}__{CPU_PLANS}__{CONFIG}"
     for f in ("plans.json", "dataset.json", "dataset_fingerprint.json", "fold_0/checkpoint_final.pth", "fold_0/validation/summary.json"):
         assert (model / f).is_file(), f
     staging = [p for d in ("preprocessed", "results") for p in (ws / f"nnUNet_{d}").iterdir() if p.name.startswith(".")]
@@ -63,7 +63,7 @@ def test_training_writes_nnunet_results(trained):
     assert len(splits) == 5  # a raw nnU-Net folder keeps nnU-Net's own 5-fold split
     s = training_summary(model)
     assert set(s["dice"]) == {"sphere", "ball"} and all(0 <= v <= 1 for v in s["dice"].values())
-    assert len(s["curves"]["train_losses"]) == 2 and len(s["curves"]["epoch_seconds"]) == 2
+    assert len(s["curves"]["train_losses"]) == 10 and len(s["curves"]["epoch_seconds"]) == 10
     print(f"smoke training (plan, preprocess, train, validate): {trained['seconds']:.0f} s")
 
 
@@ -82,7 +82,8 @@ def test_load_from_folder_and_from_nnunet_zip(trained, tmp_path):
     zip_path = tmp_path / "expert.zip"
     paths = NnUNetPaths.under(trained["ws"])
     cli = Path(sys.executable).parent / "nnUNetv2_export_model_to_zip"
-    subprocess.run([str(cli), "-d", "990", "-o", str(zip_path), "-c", CONFIG, "-tr", SMOKE_TRAINER, "-f", "0"],
+    subprocess.run([str(cli), "-d", "990", "-o", str(zip_path), "-c", CONFIG, "-tr", SMOKE_TRAINER, "-p", CPU_PLANS,
+                    "-f", "0"],
                    env=paths.env(), check=True, capture_output=True)
     zipped = Expert.from_zip(zip_path, extract_to=tmp_path / "unzipped", name="from_zip")
     x = torch.randn(1, 1, *expert.patch_size) * 100
@@ -161,7 +162,7 @@ def test_checkpoint_plans_mismatch(trained, tmp_path):
     bad = tmp_path / "Dataset990_TinyBlobs" / trained["model"].name
     shutil.copytree(trained["model"], bad)
     plans = json.loads((bad / "plans.json").read_text())
-    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["features_per_stage"][0] = 16
+    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["features_per_stage"][0] = 24
     (bad / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(AmalgamError, match=f"{bad.name}: checkpoint / plans mismatch"): Expert.from_folder(bad)
     del plans["configurations"][CONFIG]
@@ -373,9 +374,9 @@ def test_segment_image_runs_in_the_experts_precision():
 
 
 def test_planning_workers_and_the_trainers_plans(tmp_path, monkeypatch):
-    """nnUNetv2_plan_and_preprocess gets -np and -npfp from nnUNet_def_n_proc (its own defaults are 8 and 8); the CPU
-    trainer's plans are amalgam's variant, planned by its planner after nnU-Net's fingerprint (no default
-    preprocessing)."""
+    """nnUNetv2_plan_and_preprocess gets -np and -npfp from nnUNet_def_n_proc (its own defaults are 8 and 8); nnU-Net's
+    trainer plans with nnU-Net's planner, amalgam's CPU trainers with amalgam's variant, planned by its planner after
+    nnU-Net's fingerprint (no default preprocessing)."""
     import amalgam.experts as ex
     calls = []
     monkeypatch.setattr(ex, "_run_nnunet", lambda args, env, log, what: calls.append([str(a) for a in args]))
@@ -384,7 +385,7 @@ def test_planning_workers_and_the_trainers_plans(tmp_path, monkeypatch):
         if n_proc is None: monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
         else: monkeypatch.setenv("nnUNet_def_n_proc", n_proc)
         with pytest.raises(AmalgamError, match="no configuration '2d' in plans 'nnUNetPlans'"):
-            train_expert(raw, workspace_dir=tmp_path / "ws")  # nothing was really preprocessed
+            train_expert(raw, trainer=FULL_TRAINER, workspace_dir=tmp_path / "ws")  # nothing was really preprocessed
         args = calls[-1]
         assert args[args.index("-np") + 1] == expected and args[args.index("-npfp") + 1] == expected
         assert "--no_pp" not in args
