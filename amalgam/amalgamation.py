@@ -117,11 +117,12 @@ class ScaleAmalgamation(nn.Module):
     "Amalgamation at one scale: `forward(f, experts)` with `f` `B x C_f x *grid` and expert maps already on that grid -> (`B x D x *grid` gold, `B x (K+1) x *grid` weights)."
     def __init__(self, foundation_channels: int, expert_channels: Mapping[str, int], hidden_dim: int, num_heads: int, window_size: int,
                  kv_pool: int, use_self_attention: bool = True, use_cross_attention: bool = True, use_adaptive_weighting: bool = True,
-                 init_temperature: float = 1.0):
+                 init_temperature: float = 1.0, expert_residual: bool = False):
         super().__init__()
         D, names = hidden_dim, tuple(expert_channels)
         self.names, self.window_size, self.kv_pool = names, window_size, kv_pool
         self.use_self_attention, self.use_cross_attention, self.use_adaptive_weighting = use_self_attention, use_cross_attention, use_adaptive_weighting
+        self.expert_residual = expert_residual
         self.proj_foundation = _Projection(foundation_channels, D)
         self.proj_experts = nn.ModuleDict({n: _Projection(c, D) for n, c in expert_channels.items()})
         if use_self_attention: self.self_norm, self.self_attn = nn.LayerNorm(D), _Attention(D, num_heads)
@@ -172,7 +173,7 @@ class ScaleAmalgamation(nn.Module):
             e = to_windows(_pad_grid(e_grid, win), win)
             if self.use_cross_attention:
                 keys, kmask = self._keys(e, e_grid, win, mask, self.key_norms[n], n_windows)
-                e = f + self.cross_attn[n](self.query_norm(f), keys, kmask)
+                e = (f + e if self.expert_residual else f) + self.cross_attn[n](self.query_norm(f), keys, kmask)
             conditioned.append(e)
         candidates = torch.stack([*conditioned, f], dim=-2)  # M x L x (K+1) x D
 
@@ -220,6 +221,7 @@ class AmalgamationLayer(nn.Module):
         init_temperature: float = 1.0,  # initial softmax temperature of (c)
         zero_init_residual: bool = True,  # `back` starts at zero: the expert path adds nothing at initialisation
         num_classes: int = 0,  # class tokens with a learned bias over the K+1 sources (task routing; needs (c))
+        expert_residual: bool = False,  # (b) keeps each expert's own token: c_k = f + e_k + attn_k(f, e_k)
     ):
         super().__init__()
         if spatial_dims not in (2, 3): raise AmalgamError(f"AmalgamationLayer: spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -248,7 +250,7 @@ class AmalgamationLayer(nn.Module):
             fc = self.foundation_channels[self.foundation_strides.index(s)]
             self.blocks[str(s)] = ScaleAmalgamation(
                 fc, {n: self.stages[n][i][0] for n, i in self.stage_for_scale[s].items()}, hidden_dim, num_heads, window_size, kv_pool,
-                use_self_attention, use_cross_attention, use_adaptive_weighting, init_temperature)
+                use_self_attention, use_cross_attention, use_adaptive_weighting, init_temperature, expert_residual)
             self.back[str(s)] = nn.Linear(hidden_dim, fc)
             if zero_init_residual:
                 nn.init.zeros_(self.back[str(s)].weight)

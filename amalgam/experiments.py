@@ -20,7 +20,7 @@ import torch
 from .config import AmalgamError, DictConfig, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
-from .experts import SMOKE_TRAINER, Expert, ExpertBank, NnUNetPaths, train_expert
+from .experts import SMOKE_TRAINER, TAPS, Expert, ExpertBank, NnUNetPaths, train_expert
 from .infer import EVAL_MODES, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
@@ -55,6 +55,8 @@ class Recipe(DictConfig):
     scales: tuple[int, ...] = (8, 16, 32)  # foundation strides where the experts are amalgamated
     zero_init_expert_path: bool = True  # KA²ER starts as the baseline: the expert path adds exactly zero at step 0
     task_routing: bool = True  # the class prompt biases the expert weighting (learned, zero at start)
+    expert_taps: str = "encoder"  # the experts' maps amalgamated: "encoder" stages or "decoder" stage outputs
+    expert_residual: bool = False  # each expert's conditioned feature keeps its own token, not only what attention brings
     # training
     steps: int = 200
     lr: float = 5e-4
@@ -82,6 +84,7 @@ class Recipe(DictConfig):
         if len(self.patch_size) != self.spatial_dims:
             raise AmalgamError(f"Recipe.patch_size {list(self.patch_size)}: needs {self.spatial_dims} sizes for spatial_dims={self.spatial_dims}")
         if self.expert_amp not in ("auto", "bf16", "off"): raise AmalgamError(f"Recipe.expert_amp: expected 'auto', 'bf16' or 'off', got {self.expert_amp!r}")
+        if self.expert_taps not in TAPS: raise AmalgamError(f"Recipe.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
         bad = [m for m in self.modes if m not in EVAL_MODES]
         if bad: raise AmalgamError(f"Recipe.modes: unknown mode(s) {bad}; choose from {list(EVAL_MODES)}")
         for k in ("steps", "batch_size", "n_boot"):
@@ -117,6 +120,8 @@ ABLATIONS = {
     "no_routing_loss": {"loss": {"routing_weight": 0.0}},
     "no_kd_confidence": {"loss": {"kd_confidence": 0.0}},
     "coarse_scales": {"model": {"scales": (8, 16, 32)}},
+    "encoder_taps": {"model": {"expert_taps": "encoder"}},
+    "no_expert_residual": {"model": {"expert_residual": False}},
 }
 
 def variant_edit(name: str, n_experts: int) -> dict:
@@ -141,6 +146,7 @@ def variant_configs(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: st
         "spatial_dims": r.spatial_dims, "feature_size": r.feature_size, "hidden_dim": r.hidden_dim, "num_heads": r.num_heads,
         "transformer_dim": r.transformer_dim, "iou_head_hidden_dim": r.transformer_dim, "embed_stride": r.embed_stride,
         "scales": r.scales, "zero_init_expert_path": r.zero_init_expert_path, "task_routing": r.task_routing,
+        "expert_taps": r.expert_taps, "expert_residual": r.expert_residual,
         "tasks": {t: list(c) for t, c in tasks.items()}, "pretrained": str(pretrained) if use_pretrained else None,
         "seed": r.seed, **edit.get("model", {})})
     data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)

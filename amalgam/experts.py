@@ -39,7 +39,7 @@ from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
 __all__ = ['SMOKE_TRAINER', 'CPU_TRAINER', 'FULL_TRAINER', 'AMALGAM_TRAINERS', 'DEFAULT_PLANS', 'CPU_PLANS', 'AMALGAM_PLANNERS',
-           'TRAINER_PLANS', 'NNUNET_DEFAULT_FEATURES', 'nnUNetTrainer_AmalgamCPU', 'nnUNetTrainer_AmalgamSmoke',
+           'TRAINER_PLANS', 'TAPS', 'NNUNET_DEFAULT_FEATURES', 'nnUNetTrainer_AmalgamCPU', 'nnUNetTrainer_AmalgamSmoke',
            'nnUNetPlannerAmalgamCPU', 'plan_variant', 'install_trainers', 'NnUNetPaths', 'manifest_splits',
            'train_expert', 'training_summary', 'FeatureSpec', 'feature_specs_from_plans', 'Expert', 'synthetic_plans',
            'tiny_test_expert', 'save_model_folder', 'read_image', 'ExpertBank']
@@ -314,6 +314,7 @@ def _normalizer_classes(schemes: Sequence[str]) -> list[type]:
     return found
 
 _EPS = 1e-8  # nnU-Net's epsilon for float32 normalisation
+TAPS = ("encoder", "decoder")  # which stage outputs `Expert.encode` returns (see there)
 
 def _torch_normalize(norm, x: torch.Tensor, mask: torch.Tensor | None,
                      stats: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -462,38 +463,59 @@ class Expert:
                                f"got {tuple(x.shape[2:])}; pad the patch or use segment_image")
 
     def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Sequence[int] = False,
-               stats: torch.Tensor | None = None) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+               stats: torch.Tensor | None = None, taps: str = "encoder"
+               ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) of a batch, normalised first
         unless `normalized`; with `logits=True` also the logits `B x num_classes x *spatial` (float32) from nnU-Net's decoder on
         those same features, so features and a distillation target cost one encoder pass. `logits` may instead be a list of batch
         indices: the decoder then runs on those elements only and returns their logits in that order (`len x num_classes x *spatial`;
         an empty list runs no decoder). Features are in the network's compute dtype (bf16 under `amp`), on the expert's device,
-        without autograd history. `stats`: whole-case z-score statistics per element, as in `normalize`."""
-        return self._encode(x, normalized, logits, "encode", stats)
+        without autograd history. `stats`: whole-case z-score statistics per element, as in `normalize`.
+
+        `taps="decoder"`: at every stride but the coarsest, the map is instead the output of nnU-Net's decoder stage
+        at that stride (same channels and stride, so `feature_specs` still describes it): the features the expert's
+        segmentation head reads at stride 1, and what it knows about its task at each coarser stride. The coarsest
+        map stays the bottleneck. The decoder then runs on the whole batch, so the logits come with it."""
+        return self._encode(x, normalized, logits, "encode", stats, taps)
 
     def _encode(self, x: torch.Tensor, normalized: bool, logits: bool | Sequence[int], what: str,
-                stats: torch.Tensor | None = None):
+                stats: torch.Tensor | None = None, taps: str = "encoder"):
+        if taps not in TAPS: raise AmalgamError(f"{self.source or self.name}: {what}: taps must be one of {TAPS}, got {taps!r}")
         self._check(x, what)
         self._check_stats(x, stats, normalized, what)
         rows = None if isinstance(logits, bool) else [int(i) for i in logits]
         if rows is not None and any(not 0 <= i < len(x) for i in rows):
             raise AmalgamError(f"{self.source or self.name}: {what}: logits asked for batch elements {rows} of a batch of {len(x)}")
-        if logits is True or rows: self._check_divisible(x, f"{what}(logits=True)")
+        if logits is True or rows or taps == "decoder":
+            self._check_divisible(x, f"{what}(logits=True)" if taps == "encoder" else f"{what}(taps='decoder')")
         x = x.to(self.device)
         if not normalized: x = self._normalize(x, stats)
         # no_grad rather than inference_mode: the outputs must be ordinary tensors that trainable modules can save for backward
         with torch.no_grad(), self._autocast():
             skips = self.network.encoder(x)
+            if taps == "decoder":
+                skips, out = self._decoder_taps(skips)
+                if logits is False: return skips
+                return skips, (out if rows is None else out[torch.tensor(rows, dtype=torch.long, device=x.device)]).float()
             if logits is False: return skips
             if rows is None: return skips, self.network.decoder(skips).float()
             if not rows: return skips, torch.empty(0, self.num_classes, *x.shape[2:], device=x.device)
             idx = torch.tensor(rows, device=x.device)
             return skips, self.network.decoder([s.index_select(0, idx) for s in skips]).float()
 
+    def _decoder_taps(self, skips: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        "nnU-Net's own decoder on `skips`, its stage outputs caught by forward hooks: (taps finest first + bottleneck, logits)."
+        caught = []
+        hooks = [stage.register_forward_hook(lambda m, i, o: caught.append(o)) for stage in self.network.decoder.stages]
+        try: out = self.network.decoder(skips)
+        finally:
+            for h in hooks: h.remove()
+        return [*caught[::-1], skips[-1]], out
+
     def features(self, x: torch.Tensor, normalized: bool = False,
-                 stats: torch.Tensor | None = None) -> list[torch.Tensor]:
-        "Every encoder stage's feature map for a batch (`encode` without logits)."
-        return self._encode(x, normalized, False, "features", stats)
+                 stats: torch.Tensor | None = None, taps: str = "encoder") -> list[torch.Tensor]:
+        "Every stage's feature map for a batch (`encode` without logits; `taps` as there)."
+        return self._encode(x, normalized, False, "features", stats, taps)
 
     def predict(self, x: torch.Tensor, normalized: bool = False, stats: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `B x num_classes x *spatial` (float32) for a batch whose spatial size is a multiple of the network's
@@ -724,28 +746,29 @@ class ExpertBank:
         "Every expert's `Expert.volume_stats` of one whole case `C x *spatial`, by name (`C x 2` each)."
         return {n: e.volume_stats(volume) for n, e in self._experts.items()}
 
-    def features(self, x: torch.Tensor, normalized: bool = False, stats: Mapping[str, torch.Tensor] | None = None
-                 ) -> dict[str, list[torch.Tensor]]:
-        "Each expert's encoder features for the batch `x` (each expert normalises it its own way unless `normalized`)."
-        return self.encode(x, normalized, stats=stats)
+    def features(self, x: torch.Tensor, normalized: bool = False, stats: Mapping[str, torch.Tensor] | None = None,
+                 taps: str = "encoder") -> dict[str, list[torch.Tensor]]:
+        "Each expert's features for the batch `x` (each expert normalises it its own way unless `normalized`)."
+        return self.encode(x, normalized, stats=stats, taps=taps)
 
     def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Mapping[str, Sequence[int]] = False,
-               stats: Mapping[str, torch.Tensor] | None = None
+               stats: Mapping[str, torch.Tensor] | None = None, taps: str = "encoder"
                ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
         """`Expert.encode` of every expert: features by name, and with `logits=True` also every expert's logits by name, from one
         pass per expert. `logits={name: batch indices}` asks only the named experts for the logits of only those elements
         (see `Expert.encode`); the other experts run their encoder alone. `stats`: `{name: B x C x 2}` whole-case
-        z-score statistics for every expert (stack `volume_stats` rows of each element's case)."""
+        z-score statistics for every expert (stack `volume_stats` rows of each element's case). `taps`: encoder stages, or
+        the decoder's stage outputs (see `Expert.encode`)."""
         if stats is not None and set(stats) != set(self._experts):
             raise AmalgamError(f"ExpertBank.encode: stats must name every expert {self.names}, got {sorted(stats)}")
         st = {n: None if stats is None else stats[n] for n in self._experts}
-        if logits is False: return {n: e.encode(x, normalized, stats=st[n]) for n, e in self._experts.items()}
+        if logits is False: return {n: e.encode(x, normalized, stats=st[n], taps=taps) for n, e in self._experts.items()}
         if isinstance(logits, Mapping):
             unknown = sorted(set(logits) - set(self._experts))
             if unknown: raise AmalgamError(f"ExpertBank.encode: logits asked of unknown expert(s) {unknown} (have {self.names})")
-            out = {n: e.encode(x, normalized, list(logits[n]), stats=st[n]) if n in logits
-                   else (e.encode(x, normalized, stats=st[n]), None) for n, e in self._experts.items()}
-        elif logits is True: out = {n: e.encode(x, normalized, True, stats=st[n]) for n, e in self._experts.items()}
+            out = {n: e.encode(x, normalized, list(logits[n]), stats=st[n], taps=taps) if n in logits
+                   else (e.encode(x, normalized, stats=st[n], taps=taps), None) for n, e in self._experts.items()}
+        elif logits is True: out = {n: e.encode(x, normalized, True, stats=st[n], taps=taps) for n, e in self._experts.items()}
         else: raise AmalgamError(f"ExpertBank.encode: logits must be True, False or {{expert: batch indices}}, got {logits!r}")
         return {n: f for n, (f, _) in out.items()}, {n: l for n, (_, l) in out.items() if l is not None}
 

@@ -228,7 +228,7 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
         if m.amalgamation is not None:
             rows = None if stats is None else {n: s[None].expand(len(xt), -1, -1).to(xt.device) for n, s in stats.items()}
             bias = m.amalgamation.source_bias(torch.tensor([cls[i] for i in todo])) if routed else None
-            out = m.amalgamation(feats, m.experts.encode(xt, stats=rows), source_bias=bias)
+            out = m.amalgamation(feats, m.experts.encode(xt, stats=rows, taps=m.expert_taps), source_bias=bias)
             feats, weights = out.features, out.weights
         for j, i in enumerate(todo):
             entry = ([f[j:j + 1] for f in feats], {s: w[j:j + 1] for s, w in weights.items()})

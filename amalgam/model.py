@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .amalgamation import AmalgamationLayer
 from .config import AmalgamError, DictConfig, rng, write_json
-from .experts import ExpertBank
+from .experts import TAPS, ExpertBank
 from .foundation import SWIN_DIVISOR, Foundation, LoadReport, load_pretrained
 from .prompts import MaskDecoder, PromptEncoder, Prompts
 
@@ -48,6 +48,8 @@ class KA2ERConfig(DictConfig):
     init_temperature: float = 1.0
     zero_init_expert_path: bool = True  # the expert path adds exactly zero at first: KA²ER starts as the baseline
     task_routing: bool = True  # a learned per-class bias over the K+1 sources in the gate, zero at start (needs (c))
+    expert_taps: str = "encoder"  # the experts' maps amalgamated: "encoder" stages, or "decoder" stage outputs (see `Expert.encode`)
+    expert_residual: bool = False  # each expert's conditioned feature keeps its own token (see `ScaleAmalgamation`)
     # prompt encoder and mask decoder
     embed_stride: int = 16  # stride of the image embedding the two-way transformer runs on
     transformer_dim: int = 96
@@ -73,6 +75,10 @@ class KA2ERConfig(DictConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise AmalgamError(f"KA2ERConfig.seed: expected a non-negative integer, got {self.seed!r}")
         self.seed = int(self.seed)
+        if self.expert_taps not in TAPS:
+            raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
+        if self.expert_taps not in TAPS:
+            raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
         if self.spatial_dims not in (2, 3): raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if not isinstance(self.tasks, Mapping): raise AmalgamError(f"KA2ERConfig.tasks: expected a mapping task -> class names, got {type(self.tasks).__name__}")
         self.tasks = {str(t): [str(c) for c in cs] for t, cs in self.tasks.items()}
@@ -133,6 +139,7 @@ class KA2ER(nn.Module):
                  prompt_encoder: PromptEncoder,
                  decoder: MaskDecoder,
                  class_names: Sequence[str] = (),  # class vocabulary of the prompt encoder's class tokens ("task:class")
+                 expert_taps: str = "encoder",  # which expert maps are amalgamated (`Expert.encode`'s `taps`)
                 ):
         super().__init__()
         if (experts is None) != (amalgamation is None):
@@ -144,6 +151,7 @@ class KA2ER(nn.Module):
             for e in experts:
                 if e.spatial_dims != d or e.in_channels != foundation.in_channels:
                     raise AmalgamError(f"KA2ER: expert {e.name!r} is {e.spatial_dims}D with {e.in_channels} channel(s); the model is {d}D with {foundation.in_channels}")
+        if expert_taps not in TAPS: raise AmalgamError(f"KA2ER: expert_taps must be one of {TAPS}, got {expert_taps!r}")
         if prompt_encoder.embed_dim != decoder.transformer_dim:
             raise AmalgamError(f"KA2ER: prompt encoder embed_dim {prompt_encoder.embed_dim} != decoder transformer_dim {decoder.transformer_dim}")
         if tuple(decoder.feature_channels) != tuple(foundation.channels) or tuple(decoder.feature_strides) != tuple(foundation.strides):
@@ -153,7 +161,7 @@ class KA2ER(nn.Module):
             raise AmalgamError(f"KA2ER: prompt encoder has {prompt_encoder.num_classes} class tokens but {len(class_names)} class names were given")
         self.foundation, self.amalgamation, self.prompt_encoder, self.decoder = foundation, amalgamation, prompt_encoder, decoder
         self.experts = experts  # a plain attribute, not a child module: see above
-        self.class_names = list(class_names)
+        self.class_names, self.expert_taps = list(class_names), expert_taps
         self.config: KA2ERConfig | None = None  # set by build_model, so a run can save how its model was made
         self.pretrained_report: LoadReport | None = None  # what build_model loaded into the foundation, if anything
 
@@ -183,13 +191,13 @@ class KA2ER(nn.Module):
 
     def expert_features(self, image: Tensor, logits: bool = False, stats: Mapping[str, Tensor] | None = None
                         ) -> dict[str, list[Tensor]] | tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
-        """Each frozen expert's encoder features of the raw `image` (normalised the expert's way) on the image's device;
+        """Each frozen expert's features (its `expert_taps`) of the raw `image` (normalised the expert's way) on the image's device;
         with `logits=True` also each expert's logits from the same pass; `stats`: per expert, the `B x C x 2`
         (mean, std) of each element's whole volume for z-score normalisation (`ExpertBank.encode`, `.volume_stats`)."""
         if self.experts is None: raise AmalgamError("KA2ER.expert_features: this is the baseline model, it has no experts")
         for e in self.experts:
             if e.device != image.device: e.to(image.device)
-        return self.experts.encode(image, logits=logits, stats=stats)
+        return self.experts.encode(image, logits=logits, stats=stats, taps=self.expert_taps)
 
     def decode(self, features: Sequence[Tensor], prompts: Prompts, multimask_output: bool = True) -> tuple[Tensor, Tensor]:
         "Prompt encoder + mask decoder on image features (one map per foundation stride): masks `B x M x *input`, IoU `B x M`."
@@ -205,7 +213,7 @@ class KA2ER(nn.Module):
                 prompts: Prompts | None = None,  # clicks, boxes, mask prompts, classes
                 task: str | Sequence[str] | None = None,  # 'task:class' (or a one-class 'task') for all, or one per batch element
                 multimask_output: bool = True,  # SAM's ambiguity-aware masks, else the single-mask output
-                expert_features: Mapping[str, Sequence[Tensor]] | None = None,  # `ExpertBank.encode(image)`, when already computed (e.g. with the teachers' logits)
+                expert_features: Mapping[str, Sequence[Tensor]] | None = None,  # `ExpertBank.encode(image, taps=self.expert_taps)`, when already computed (e.g. with the teachers' logits)
                 expert_stats: Mapping[str, Tensor] | None = None,  # expert name -> B x C x 2 volume (mean, std)
                ) -> KA2EROutput:
         self.foundation.check_input(image)
@@ -268,7 +276,8 @@ def build_model(config: KA2ERConfig, experts: ExpertBank | None = None) -> KA2ER
                 spatial_dims=c.spatial_dims, use_self_attention=c.use_self_attention,
                 use_cross_attention=c.use_cross_attention, use_adaptive_weighting=c.use_adaptive_weighting,
                 init_temperature=c.init_temperature,
-                zero_init_residual=c.zero_init_expert_path, num_classes=len(c.class_names) if c.task_routing else 0)
+                zero_init_residual=c.zero_init_expert_path, num_classes=len(c.class_names) if c.task_routing else 0,
+                expert_residual=c.expert_residual)
     with _part_rng(c.seed, "prompt_encoder"):
         prompt_encoder = PromptEncoder(c.spatial_dims, c.transformer_dim, len(c.class_names), c.mask_in_chans)
     with _part_rng(c.seed, "decoder"):
@@ -277,7 +286,7 @@ def build_model(config: KA2ERConfig, experts: ExpertBank | None = None) -> KA2ER
                               num_multimask_outputs=c.num_multimask_outputs, iou_head_depth=c.iou_head_depth,
                               iou_head_hidden_dim=c.iou_head_hidden_dim)
     report = load_pretrained(foundation, c.pretrained, allow_partial=c.allow_partial) if c.pretrained else None
-    model = KA2ER(foundation, experts, amalgamation, prompt_encoder, decoder, c.class_names)
+    model = KA2ER(foundation, experts, amalgamation, prompt_encoder, decoder, c.class_names, c.expert_taps)
     model.config, model.pretrained_report = c, report
     return model
 

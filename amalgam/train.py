@@ -276,8 +276,8 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     rows = teacher_rows(batch.task, s.experts_of)
     teachers = s.experts if s.teachers is None else s.teachers
     if s.experts is not None and rows and teachers is s.experts:  # one encoder pass: features and teachers' logits
-        feats, logits = s.experts.encode(batch.image, logits=rows, stats=stats)  # each in its own precision (Expert.amp)
-    elif s.experts is not None: feats = s.experts.encode(batch.image, stats=stats)
+        feats, logits = s.experts.encode(batch.image, logits=rows, stats=stats, taps=s.module.expert_taps)  # each in its own precision (Expert.amp)
+    elif s.experts is not None: feats = s.experts.encode(batch.image, stats=stats, taps=s.module.expert_taps)
     if rows and teachers is not s.experts:
         _, logits = teachers.encode(batch.image, logits=rows, stats=case_stats(s.teacher_stats, batch.case_index))
     c = s.loss_config
