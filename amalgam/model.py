@@ -77,8 +77,6 @@ class KA2ERConfig(DictConfig):
         self.seed = int(self.seed)
         if self.expert_taps not in TAPS:
             raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
-        if self.expert_taps not in TAPS:
-            raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
         if self.spatial_dims not in (2, 3): raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if not isinstance(self.tasks, Mapping): raise AmalgamError(f"KA2ERConfig.tasks: expected a mapping task -> class names, got {type(self.tasks).__name__}")
         self.tasks = {str(t): [str(c) for c in cs] for t, cs in self.tasks.items()}

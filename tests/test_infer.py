@@ -19,11 +19,12 @@ TINY = dict(feature_size=12, hidden_dim=24, num_heads=2, transformer_dim=32, dec
 TASKS = {"demo": ["ball", "cube"]}
 
 
-def make_run(run_dir, spatial_dims=3, patch_size=(32, 32, 64), pixdim=None, seed=0, checkpoint=True):
-    "A run folder as amalgam.train writes it (config.json, model.pt), without training: a random-init model around one saved tiny expert."
+def make_run(run_dir, spatial_dims=3, patch_size=(32, 32, 64), pixdim=None, seed=0, checkpoint=True, **model):
+    """A run folder as amalgam.train writes it (config.json, model.pt), without training: a random-init model around one
+    saved tiny expert; `model`: more `KA2ERConfig` fields."""
     expert = tiny_test_expert(spatial_dims, 1, 3, name="demo", seed=seed)
     folder = save_model_folder(expert, run_dir.parent / f"{run_dir.name}_expert" / "Dataset001_Demo" / f"nnUNetTrainer__nnUNetPlans__{expert.configuration}")
-    config = KA2ERConfig(spatial_dims=spatial_dims, tasks=TASKS, seed=seed, **TINY)
+    config = KA2ERConfig(spatial_dims=spatial_dims, tasks=TASKS, seed=seed, **TINY, **model)
     model = build_model(config, ExpertBank([expert]))
     with torch.no_grad():  # decoder outputs of a fresh init are near 0.5 everywhere; spread them so masks are not all-or-nothing
         for p in model.decoder.output_hypernetworks_mlps.parameters(): p.mul_(4)
@@ -105,6 +106,20 @@ def test_automatic_mode_and_expert_weights(seg3d):
     # weights are prompt-independent and cover windows without a prompt too
     far = seg3d.segment(image((64, 32, 64), seed=3), box=[[40, 4, 10], [60, 25, 50]], return_weights=True)
     np.testing.assert_allclose(far.expert_weights["demo"][:32] + far.expert_weights["foundation"][:32], 1, atol=1e-4)
+
+
+def test_decoder_taps_reach_the_segmenter(tmp_path):
+    "A run amalgamating the experts' decoder stages is segmented with them: the Segmenter equals the model's forward."
+    run = make_run(tmp_path / "run", 2, (64, 64), expert_taps="decoder", expert_residual=True, scales=[1, 2, 8],
+                   zero_init_expert_path=False)  # a random expert path, so which taps are read shows in the output
+    seg = Segmenter.from_run(run)
+    assert seg.model.expert_taps == "decoder" and seg.model.amalgamation.blocks["1"].expert_residual
+    x = image((2, 64, 64), seed=6)
+    res = seg.segment(x, task="demo:ball", return_probability=True)
+    cls = Prompts(classes=torch.tensor([seg.model.class_index("demo:ball")]))
+    for z in range(2): np.testing.assert_allclose(res.probability[z], direct(seg, x[:, z], cls), atol=1e-4)
+    seg.model.expert_taps = "encoder"  # the same weights reading the encoder stages give another answer
+    assert not np.allclose(direct(seg, x[:, 0], cls), res.probability[0], atol=1e-3)
 
 
 def test_2d_model_segments_slice_by_slice(seg2d):
