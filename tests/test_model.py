@@ -216,9 +216,10 @@ def test_expert_stats_reach_the_experts(monkeypatch):
     "`forward(expert_stats=...)` and `expert_features(stats=...)` hand the volume statistics to `ExpertBank.encode`."
     model = build_model(config(), bank()).eval()
     seen, real = [], model.experts.encode
-    def encode(x, normalized=False, logits=False, stats=None):
+    def encode(x, normalized=False, logits=False, stats=None, taps="encoder"):
+        assert taps == model.expert_taps
         seen.append(stats)
-        return real(x, normalized, logits)
+        return real(x, normalized, logits, taps=taps)
     monkeypatch.setattr(model.experts, "encode", encode)
     stats = {n: torch.tensor([[[40.0, 300.0]], [[10.0, 200.0]]]) for n in model.experts.names}
     with torch.no_grad():
