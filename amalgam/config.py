@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import glob
 import hashlib
 import json
 import os
@@ -27,8 +28,8 @@ import torch
 
 # %% auto 0
 __all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'fields_from_dict', 'DictConfig', 'repo_root', 'workspace', 'manifests_dir',
-           'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir', 'replace_dir',
-           'git_commit', 'package_versions', 'provenance', 'write_json']
+           'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir',
+           'remove_stale_temporaries', 'replace_dir', 'git_commit', 'package_versions', 'provenance', 'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
@@ -58,7 +59,22 @@ class DictConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping, what: str | None = None):
-        return cls(**fields_from_dict(cls, d, what))
+        fields = fields_from_dict(cls, d, what)
+        _check_scalar_types(cls, fields, what or cls.__name__)
+        return cls(**fields)
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+def _check_scalar_types(cls, fields: Mapping, what: str) -> None:
+    "Fields annotated `int`, `float`, `str` or `bool` must hold that type (an int is a float; a bool is no number)."
+    bad = []
+    for f in dataclasses.fields(cls):
+        ok = _SCALARS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if ok is None or f.name not in fields: continue
+        v = fields[f.name]
+        if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
+            bad.append(f"{f.name!r} must be {f.type}, got {type(v).__name__} {v!r:.40}")
+    if bad: raise AmalgamError(f"{what}: {'; '.join(bad)}")
 
 # %% ../nbs/00_config.ipynb
 def repo_root(start: str | os.PathLike | None = None) -> Path | None:
@@ -146,7 +162,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     "Yield an empty temporary folder next to `path`; on success it is renamed to `path`, on error it is deleted. With `overwrite`, an existing `path` is replaced."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite: raise AmalgamError(f"{path}: already exists (pass overwrite=True to replace it)")
+    if path.exists() and not overwrite:
+        raise AmalgamError(f"{path}: already exists (pass --overwrite, or overwrite=True from Python, to replace it)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -154,6 +171,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         replace_dir(tmp, path)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Remove what a killed `atomic_write`, `atomic_path`, `atomic_dir` or `replace_dir` left in `folder` for the files or
+    folders `names` (`.NAME.<random>...`); returns what was removed. Call it only where no other process is writing `names`."""
+    folder, removed = Path(folder), []
+    for name in names:
+        for p in sorted(folder.glob(f".{glob.escape(name)}.*")) if folder.is_dir() else []:
+            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+            else: p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     "Move the finished folder `src` (on the same file system) to `dst`; an existing `dst` is swapped out by rename and only then deleted."

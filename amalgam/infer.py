@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
+import tempfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +36,7 @@ from .prompts import Prompts
 from .train import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
-__all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'voxel_to_world', 'world_to_voxel', 'tensor_affine',
+__all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'MAX_VOXELS', 'voxel_to_world', 'world_to_voxel', 'tensor_affine',
            'SegmentationResult', 'Segmenter', 'prompted_segmentation', 'nifti_stem', 'find_inputs', 'NiftiVolume',
            'working_pixdim', 'load_nifti', 'case_prompts', 'read_prompts', 'predict_main', 'add_predict_parser',
            'predict_cli']
@@ -42,7 +44,8 @@ __all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'voxel_to_world', 'wo
 # %% ../nbs/12_infer.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
     p, a = np.asarray(points, dtype=np.float64), np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.isfinite(a).all(): raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got shape {a.shape}")
+    if a.shape != (4, 4): raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got shape {a.shape}")
+    if not np.isfinite(a).all(): raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got NaN/inf values {a.tolist()}")
     if p.ndim != 2 or p.shape[1] != 3: raise AmalgamError(f"{what}: expected N x 3 coordinates, got shape {p.shape}")
     return np.concatenate([p, np.ones((len(p), 1))], 1), a
 
@@ -484,8 +487,17 @@ def working_pixdim(config: DataConfig, task: str | None) -> list[float] | None:
     spacings = {tuple(v) for v in pixdim.values()}
     return list(spacings.pop()) if len(spacings) == 1 else None
 
-def load_nifti(path: str | os.PathLike, config: DataConfig, in_channels: int = 1, task: str | None = None) -> NiftiVolume:
-    "Read and check one NIfTI (a 3D image, or channels on a 4th axis) and prepare it for a model trained with `config` (see `NiftiVolume`)."
+MAX_VOXELS = 2**28  # per input file (268M voxels, 1 GiB as float32; a 768³ volume is over it): `--max-voxels` raises it
+
+def _root_cause(e: BaseException) -> BaseException:
+    "The innermost exception of a chain (MONAI wraps a reader's error in 'applying transform <object at 0x...>')."
+    while e.__cause__ is not None: e = e.__cause__
+    return e
+
+def load_nifti(path: str | os.PathLike, config: DataConfig, in_channels: int = 1, task: str | None = None,
+               max_voxels: int = MAX_VOXELS) -> NiftiVolume:
+    """Read and check one NIfTI (a 3D image, or channels on a 4th axis) and prepare it for a model trained with `config`
+    (see `NiftiVolume`). The header is checked first (size against `max_voxels`, geometry), the data are read only then."""
     path = Path(path)
     if not path.is_file(): raise AmalgamError(f"{path}: input file not found")
     try:
@@ -494,6 +506,14 @@ def load_nifti(path: str | os.PathLike, config: DataConfig, in_channels: int = 1
     except Exception as e:  # nibabel, gzip and zlib raise many types for a damaged file; all mean the same here
         raise AmalgamError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from None
     if len(shape) not in (3, 4): raise AmalgamError(f"{path}: array of shape {shape}; expected a 3D image (x, y, z), channels on a 4th axis")
+    if 0 in shape: raise AmalgamError(f"{path}: axis {shape.index(0)} has zero size (shape {shape}); the image is empty")
+    if math.prod(shape) > max_voxels:
+        raise AmalgamError(f"{path}: the header claims {' x '.join(map(str, shape))} = {math.prod(shape)} voxels, "
+                           f"over the limit of {max_voxels} (raise it with --max-voxels if the image is really that large)")
+    affine = np.asarray(nifti.affine, np.float64)
+    if not np.isfinite(affine).all(): raise AmalgamError(f"{path}: the affine (sform/qform) holds NaN/inf values; fix the header's geometry")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise AmalgamError(f"{path}: singular affine (a zero voxel size or collapsed axes: {affine[:3, :3].tolist()}); fix the header's geometry")
     channels = shape[3] if len(shape) == 4 else 1
     if channels != in_channels: raise AmalgamError(f"{path}: {channels} channel(s) (shape {shape}) but the model takes {in_channels}")
     if config.spatial_dims == 3 and min(shape[:3]) < 2: raise AmalgamError(f"{path}: a 2D image (shape {shape}) but the model is 3D; it needs a volume")
@@ -503,7 +523,10 @@ def load_nifti(path: str | os.PathLike, config: DataConfig, in_channels: int = 1
     if pixdim: ts.append(Spacingd("image", pixdim=list(pixdim)[::-1], mode="bilinear"))  # MONAI's axes are the file's: reversed
     transform = Compose(ts)
     try: image = transform({"image": str(path)})["image"]
-    except Exception as e: raise AmalgamError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        cause = _root_cause(e)
+        raise AmalgamError(f"{path}: cannot read the image data ({type(cause).__name__}: {cause}); "
+                           "the file may be truncated or damaged") from None
     raw = image.as_tensor().float()
     bad = int((~torch.isfinite(raw)).sum())
     if bad: raise AmalgamError(f"{path}: contains {bad} NaN/inf voxel(s)")
@@ -564,6 +587,7 @@ def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, 
     if not path.is_file(): raise AmalgamError(f"{path}: prompts file not found")
     try: spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError: raise AmalgamError(f"{path}: JSON nested too deeply (a prompts file is a few levels deep)") from None
     if not isinstance(spec, dict): raise AmalgamError(f"{path}: expected a JSON object (see `amalgam predict --help`)")
     unknown = sorted(set(spec) - set(PROMPT_KEYS) - {"cases"})
     if unknown: raise AmalgamError(f"{path}: unknown key(s) {unknown}; allowed: {[*PROMPT_KEYS, 'cases']}")
@@ -611,15 +635,25 @@ def _resolve_device(device: str) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise AmalgamError(f"--device {device}: CUDA is not available on this machine")
     return d
 
+def _check_output_dir(out_dir: Path) -> None:
+    "Refuse an output folder that cannot be created or written, before the model loads; nothing is created here."
+    if out_dir.exists() and not out_dir.is_dir(): raise AmalgamError(f"{out_dir}: output path exists and is not a folder")
+    base = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())  # the folder the output goes into, or would be made in
+    if not base.is_dir(): raise AmalgamError(f"{out_dir}: cannot create the output folder: {base} is a file, not a folder")
+    try: tempfile.TemporaryFile(dir=base).close()
+    except OSError as e: raise AmalgamError(f"{out_dir}: output folder not writable ({base}: {e.strerror or e})") from None
+
 def predict_main(args: argparse.Namespace) -> int:
     "Run `amalgam predict` on parsed arguments (see `add_predict_parser`); bad input raises `AmalgamError` before any file is written."
     if args.auto and not args.task: raise AmalgamError("--auto: needs --task NAME ('task:class', or a task with one class)")
     if args.task and not args.auto: raise AmalgamError("--task: only with --auto (to condition clicks on a class, put 'task' in the prompts file)")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-voxels", args.max_voxels)):
+        if value < 1: raise AmalgamError(f"{flag} {value}: must be at least 1")
     device = _resolve_device(args.device)
     inputs = find_inputs(args.input)
     prompts = read_prompts(args.prompts, inputs) if args.prompts else {p: {"task": args.task} for p in inputs}
     out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir(): raise AmalgamError(f"{out_dir}: output path exists and is not a folder")
+    _check_output_dir(out_dir)
     clash = [p for p in inputs if p.resolve() == (out_dir / f"{nifti_stem(p)}.nii.gz").resolve()]
     if clash: raise AmalgamError(f"{clash[0]}: the output would overwrite this input; choose another -o folder")
     segmenter = Segmenter.from_run(args.run, device, batch_size=args.batch_size)
@@ -629,7 +663,7 @@ def predict_main(args: argparse.Namespace) -> int:
         if prompts[p].get("task") is not None:
             try: segmenter.check_task(prompts[p]["task"])
             except AmalgamError as e: raise AmalgamError(f"{where[p]}: {e}") from None
-    load = lambda p: load_nifti(p, segmenter.data_config, segmenter.model.foundation.in_channels, prompts[p].get("task"))
+    load = lambda p: load_nifti(p, segmenter.data_config, segmenter.model.foundation.in_channels, prompts[p].get("task"), args.max_voxels)
     for p in inputs:  # every input and prompt is checked before the first output file is written
         case = load(p)
         if not args.auto: case_prompts(prompts[p], where[p], case)
@@ -658,6 +692,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-weights", action="store_true", help="also write <name>_weights_<expert>.nii.gz amalgamation weight maps")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=16, help="sliding windows per forward pass")
+    p.add_argument("--max-voxels", type=int, default=MAX_VOXELS,
+                   help=f"refuse an input whose header claims more voxels (default {MAX_VOXELS} = 2^28, 1 GiB as float32)")
     p.set_defaults(fn=predict_main)
     return p
 

@@ -27,13 +27,13 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from .config import AmalgamError, atomic_dir, atomic_write, package_versions, rng, sha256_file, workspace
+from .config import AmalgamError, atomic_dir, atomic_write, package_versions, remove_stale_temporaries, rng, sha256_file, workspace
 
 # %% auto 0
 __all__ = ['SPLITS', 'SourceProvider', 'BUILTIN_SOURCE_MODULES', 'COMMON_SOURCE_KEYS', 'SCHEMA_VERSION', 'LABEL_QUALITIES',
-           'PIN_MODES', 'TOP_KEYS', 'CASE_KEYS', 'FILE_KEYS', 'SPLIT_KEYS', 'MSD_ENV', 'Problem', 'ManifestError',
-           'raise_if_problems', 'split_cases', 'register_source', 'get_source', 'nnunet_raw_source', 'folder_source',
-           'FileRef', 'Case', 'Manifest', 'load_manifest', 'write_manifest', 'source_root', 'validate',
+           'PIN_MODES', 'TOP_KEYS', 'CASE_KEYS', 'FILE_KEYS', 'SPLIT_KEYS', 'MAX_LABEL_VALUE', 'MSD_ENV', 'Problem',
+           'ManifestError', 'raise_if_problems', 'split_cases', 'register_source', 'get_source', 'nnunet_raw_source',
+           'folder_source', 'FileRef', 'Case', 'Manifest', 'load_manifest', 'write_manifest', 'source_root', 'validate',
            'nnunet_raw_dir', 'materialize', 'datalist', 'safe_extract', 'msd_source', 'pip_sdist_source']
 
 # %% ../nbs/01_manifests.ipynb
@@ -286,6 +286,10 @@ class Manifest:
     def split_fractions(self) -> dict: return self.raw.get("split", {}).get("fractions", {})
 
 # %% ../nbs/01_manifests.ipynb
+def _escapes(path: str) -> bool:
+    "A manifest path that is absolute or climbs out of the source root (reported by the schema check; never opened)."
+    return path.startswith("/") or ".." in Path(path).parts
+
 def _file_ref(d, where: str, file: str, out: list) -> FileRef:
     if not isinstance(d, dict):
         out.append(Problem(file, f"{where}must be a mapping {{path, sha256}}, got {type(d).__name__}")); return FileRef("", "")
@@ -293,7 +297,7 @@ def _file_ref(d, where: str, file: str, out: list) -> FileRef:
     sha = d.get("sha256", "")
     if isinstance(sha, str) and sha and not _HEX64.match(sha): out.append(Problem(file, f"{where}sha256 must be 64 lower-case hex digits, got {sha!r:.80}"))
     p = str(d.get("path", ""))
-    if p.startswith("/") or ".." in Path(p).parts: out.append(Problem(file, f"{where}path {p!r} must be relative to the source root and stay inside it"))
+    if _escapes(p): out.append(Problem(file, f"{where}path {p!r} must be relative to the source root and stay inside it"))
     return FileRef(p, str(sha))
 
 def _parse_cases(items, n_channels: int, file: str, out: list) -> list:
@@ -386,6 +390,8 @@ def _parse(raw: Any, file: str) -> tuple[Manifest | None, list]:
                  provenance=g("provenance", ""), source=dict(source), cases=cases, split=split, pin=pin, raw=raw)
     return m, out
 
+MAX_LABEL_VALUE = 2**31 - 1  # source label values are stored as int32 at most
+
 def _check_source(source: Mapping, labels: Mapping, file: str, out: list) -> None:
     kind = source.get("kind")
     if not isinstance(kind, str): out.append(Problem(file, "source: missing 'kind' (one of phantom, msd, nnunet_raw, folder, pip_sdist)")); return
@@ -399,8 +405,8 @@ def _check_source(source: Mapping, labels: Mapping, file: str, out: list) -> Non
         fg = sorted(k for k in labels if k != "background")
         if sorted(lv) != fg: out.append(Problem(file, f"source: label_values must name exactly the foreground labels {fg}, got {sorted(lv)}"))
         vals = list(lv.values())
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals) or len(set(vals)) != len(vals):
-            out.append(Problem(file, f"source: label_values must be distinct positive integers, got {lv}"))
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LABEL_VALUE for v in vals) or len(set(vals)) != len(vals):
+            out.append(Problem(file, f"source: label_values must be distinct integers in 1..{MAX_LABEL_VALUE} (int32), got {lv}"))
 
 # %% ../nbs/01_manifests.ipynb
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -413,6 +419,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 def _read_yaml(path: Path) -> Any:
     try: text = path.read_text(encoding="utf-8")
     except OSError as e: raise AmalgamError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e: raise AmalgamError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8") from None
     try: return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e: raise AmalgamError(f"{path}: not valid YAML ({e})") from e
     except AmalgamError as e: raise AmalgamError(f"{path}: {e}") from e
@@ -479,9 +486,14 @@ def _read(path: Path, out: list) -> tuple | None:
 def _case_problems(m: Manifest, case: Case, root: Path) -> list:
     out: list[Problem] = []
     refs = [(r, "image") for r in case.images] + [(case.label, "label")]
+    refs = [(r, what) for r, what in refs if not _escapes(r.path)]  # already reported by the schema check: never opened
     arrays = []
     for ref, what in refs:
         p = root / ref.path
+        if p.exists() and not p.resolve().is_relative_to(root.resolve()):  # a symlink (the file's or a folder's on the way) out
+            out.append(Problem(str(p), f"symlink to {p.resolve()}, outside the source folder {root} ({what} of case {case.id}); "
+                                       "copy the file in instead"))
+            arrays.append(None); continue
         if not p.is_file():
             out.append(Problem(str(p), f"missing file ({what} of case {case.id})")); arrays.append(None); continue
         got = sha256_file(p)
@@ -566,9 +578,9 @@ def _remapped_label(data: bytes, name: str, m: Manifest) -> nib.Nifti1Image:
     img = nib.Nifti1Image.from_bytes(gzip.decompress(data) if name.endswith(".gz") else data)
     arr = np.asanyarray(img.dataobj)
     if arr.min() < 0: raise AmalgamError(f"{name}: negative label values cannot be remapped")
-    lut = np.zeros(max(int(arr.max()), *m.source["label_values"].values()) + 1, np.uint8)
-    for label, v in m.source["label_values"].items(): lut[v] = m.labels[label]
-    out = nib.Nifti1Image(lut[arr.astype(np.int64)], img.affine, img.header)
+    remapped = np.zeros(arr.shape, np.uint8)  # one pass per label, not a lookup table as long as the largest value
+    for label, v in m.source["label_values"].items(): remapped[arr == v] = m.labels[label]
+    out = nib.Nifti1Image(remapped, img.affine, img.header)
     out.set_data_dtype(np.uint8)
     return out
 
@@ -605,7 +617,10 @@ def materialize(manifest: Manifest | str | os.PathLike, nnunet_raw: str | os.Pat
     "Write the manifest's nnU-Net raw dataset under `nnunet_raw` (default `$nnUNet_raw`) atomically and idempotently; returns its folder."
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    target = nnunet_raw_dir(nnunet_raw) / m.dataset_folder_name
+    raw = nnunet_raw_dir(nnunet_raw)
+    base = next(p for p in (raw, *raw.absolute().parents) if p.exists())  # the raw folder, or where it would be made
+    if not base.is_dir(): raise AmalgamError(f"{raw}: {base} is a file, not a folder (--nnunet-raw / $nnUNet_raw)")
+    target = raw / m.dataset_folder_name
     if m.pinned and _up_to_date(m, target):
         print(f"{target}: up to date with {m.path.name if m.path else m.task} (manifest sha256 {m.sha256[:12]}...): nothing changed")
         return target
@@ -617,7 +632,9 @@ def materialize(manifest: Manifest | str | os.PathLike, nnunet_raw: str | os.Pat
             print(f"{target}: up to date with {m.path.name} and its lock: nothing changed"); return target
     raise_if_problems(validate(m, root=root), str(m.path))
     if target.exists() and not overwrite:
-        raise AmalgamError(f"{target}: exists but differs from {m.path} (another manifest version, or its files changed); pass overwrite=True to replace it")
+        raise AmalgamError(f"{target}: exists but differs from {m.path} (another manifest version, or its files changed); "
+                           "pass --overwrite (overwrite=True from Python) to replace it")
+    for p in remove_stale_temporaries(raw, [target.name]): print(f"{p}: removed (stale temporary of a killed materialize)")
     with atomic_dir(target, overwrite=overwrite) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"): (tmp / sub).mkdir()  # the full layout, even where a split is empty
         files = {}

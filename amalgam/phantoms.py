@@ -21,9 +21,9 @@ from .config import AmalgamError, atomic_write, manifests_dir, rng, sha256_file
 from .manifests import register_source, split_cases, write_manifest
 
 # %% auto 0
-__all__ = ['GENERATOR_VERSION', 'TASKS', 'PHANTOM_SPLIT', 'PHANTOM_LICENCE', 'PhantomTask', 'get_task', 'phantom_affine',
-           'nifti_gz_bytes', 'generate_case', 'case_id', 'case_files', 'generate_task', 'phantom_source',
-           'phantom_manifest', 'write_phantom_manifests', 'threshold_dice']
+__all__ = ['GENERATOR_VERSION', 'TASKS', 'MAX_PHANTOM_CASES', 'PHANTOM_SPLIT', 'PHANTOM_LICENCE', 'PhantomTask', 'get_task',
+           'phantom_affine', 'nifti_gz_bytes', 'generate_case', 'case_id', 'case_files', 'generate_task',
+           'phantom_source', 'phantom_manifest', 'write_phantom_manifests', 'threshold_dice']
 
 # %% ../nbs/02_phantoms.ipynb
 class _Coords(list):
@@ -454,12 +454,20 @@ def case_files(task: str | PhantomTask, index: int) -> tuple[str, str]:
     return f"imagesTr/{cid}_0000.nii.gz", f"labelsTr/{cid}.nii.gz"
 
 # %% ../nbs/02_phantoms.ipynb
+MAX_PHANTOM_CASES = 1000  # per task: a manifest asking for more is a typo (or a denial of service), not a benchmark
+
+def _check_n_cases(n_cases) -> int:
+    "`n_cases` as an int in 1..MAX_PHANTOM_CASES, else an `AmalgamError` saying so."
+    n = int(n_cases)
+    if not 1 <= n <= MAX_PHANTOM_CASES:
+        raise AmalgamError(f"n_cases: expected 1..{MAX_PHANTOM_CASES} cases per phantom task, got {n_cases!r}")
+    return n
+
 def generate_task(task: str | PhantomTask, out_root: str | os.PathLike, seed: int = 0, n_cases: int | None = None,
                   shape: Sequence[int] | None = None, skip_existing: bool = False) -> list[dict]:
     "Write `n_cases` cases of `task` under `out_root`; returns `[{'id', 'image', 'label', 'image_sha256', 'label_sha256'}]` (paths relative to `out_root`)."
     t, out_root = get_task(task), Path(out_root)
-    n = t.n_cases if n_cases is None else int(n_cases)
-    if n < 1: raise AmalgamError(f"n_cases: expected at least 1, got {n_cases!r}")
+    n = _check_n_cases(t.n_cases if n_cases is None else n_cases)
     written = []
     for i in range(n):
         rel = case_files(t, i)
@@ -483,7 +491,8 @@ def _source_params(source: dict) -> tuple:
     if version != GENERATOR_VERSION:
         raise AmalgamError(f"source: generator_version {version} but this amalgam generates version {GENERATOR_VERSION}; "
                            "regenerate the manifest with write_phantom_manifests() or install the matching amalgam")
-    return t, int(source.get("seed", 0)), int(source.get("n_cases", t.n_cases)), _check_shape(source.get("shape", t.shape))
+    n = _check_n_cases(source.get("n_cases", t.n_cases))  # before a single case is generated
+    return t, int(source.get("seed", 0)), n, _check_shape(source.get("shape", t.shape))
 
 @register_source("phantom", keys={"task": str, "seed": int, "n_cases": int, "shape": list, "generator_version": int},
                  required=("task", "seed", "n_cases", "shape", "generator_version"))
@@ -498,7 +507,7 @@ def phantom_manifest(task: str | PhantomTask, seed: int = 0, n_cases: int | None
                      root: str | os.PathLike | None = None) -> dict:
     "The manifest mapping of a phantom task; files are generated under `root` (a temporary folder if `None`) to take their sha256."
     t = get_task(task)
-    n, shape = (t.n_cases if n_cases is None else int(n_cases)), _check_shape(shape or t.shape)
+    n, shape = _check_n_cases(t.n_cases if n_cases is None else n_cases), _check_shape(shape or t.shape)
     if root is None:
         with tempfile.TemporaryDirectory() as tmp: written = generate_task(t, tmp, seed, n, shape)
     else: written = generate_task(t, root, seed, n, shape)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import AmalgamError, DictConfig, atomic_path, atomic_write, rng, seed_everything, sha256_file, write_json
+from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, remove_stale_temporaries, rng, seed_everything,
+                            sha256_file, write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
@@ -381,6 +382,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from None
     missing = [k for k in ("model", "data", "train", "loss", "experts", "manifests") if not isinstance(cfg, dict) or k not in cfg]
     if missing: raise AmalgamError(f"{path}: missing key(s) {missing}")
+    for key, cls in (("model", KA2ERConfig), ("data", DataConfig)):  # what loading the run builds: checked here, named by this file
+        cls.from_dict(cfg[key], f"{path}: {key}")
     return cfg
 
 # %% ../nbs/11_train.ipynb
@@ -439,6 +442,10 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
         diff = config_diff(read_run_config(run_dir), config)
         if diff: raise AmalgamError(f"{cfg_path}: the run was made with a different configuration; differing keys: {diff}. "
                                     "Use the same settings to resume, or resume=False / a new run folder to start over")
+    if ctx.is_main:  # a write killed mid-way (kill -9) left its temporary: up to a checkpoint's size, never read again
+        stale = [*remove_stale_temporaries(ckpt_path.parent, ["last.pt"]),
+                 *remove_stale_temporaries(run_dir, ["model.pt", "config.json", "metrics.jsonl"])]
+        for p in stale: print(f"{p}: removed (stale temporary of a killed write)")
     start, last, ckpt = 0, {}, None
     if resume and ckpt_path.is_file():
         ckpt = _torch_load(ckpt_path, "checkpoint")
