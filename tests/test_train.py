@@ -131,8 +131,14 @@ def test_sigkill_then_resume_is_bit_identical(reference, data_dir, tmp_path):
         if proc.poll() is None: proc.kill()
     killed_at = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
     assert 2 <= killed_at < STEPS and not (run / "model.pt").exists()
+    # what a kill during a write leaves (atomic_write's temporaries), planted here since the kill's timing is random
+    stale = [ckpt.parent / ".last.pt.k1ll3d.pt", run / ".model.pt.k1ll3d.pt", run / ".metrics.jsonl.k1ll3d"]
+    for p in stale: p.write_bytes(b"half written")
+    keep = run / "notes.last.pt.txt"
+    keep.write_text("not a temporary of this run")
     with one_thread(): summary = train(run, **setup(data_dir), progress=False)
     assert summary["resumed_from"] == killed_at
+    assert not any(p.exists() for p in stale) and keep.read_text() == "not a temporary of this run"
     ref, got = weights(ref_run / "model.pt"), weights(run / "model.pt")
     assert ref.keys() == got.keys()
     different = [k for k in ref if not torch.equal(ref[k], got[k])]
