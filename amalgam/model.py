@@ -79,7 +79,9 @@ class KA2ERConfig(DictConfig):
             raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
         if self.spatial_dims not in (2, 3): raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if not isinstance(self.tasks, Mapping): raise AmalgamError(f"KA2ERConfig.tasks: expected a mapping task -> class names, got {type(self.tasks).__name__}")
-        self.tasks = {str(t): [str(c) for c in cs] for t, cs in self.tasks.items()}
+        # tasks in sorted order, classes as given: a run's JSON files sort their keys, and a class token is an index
+        # into this vocabulary, so any other order would be a different vocabulary once the run is loaded back
+        self.tasks = {str(t): [str(c) for c in cs] for t, cs in sorted(self.tasks.items(), key=lambda kv: str(kv[0]))}
         for t, cs in self.tasks.items():
             if not t or ":" in t: raise AmalgamError(f"KA2ERConfig.tasks: task name {t!r} must be non-empty and contain no ':'")
             if not cs: raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: no classes")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from amalgam.amalgamation import AmalgamationLayer
-from amalgam.config import AmalgamError
+from amalgam.config import AmalgamError, write_json
 from amalgam.experts import ExpertBank, tiny_test_expert
 from amalgam.model import KA2ER, KA2ERConfig, build_model, zscore
 from amalgam.prompts import Prompts
@@ -403,3 +403,17 @@ def test_expert_features_are_freed_before_the_decoder(model2d, monkeypatch):
     monkeypatch.setattr(model2d, "decode", decode)
     with torch.no_grad(): model2d(image(), clicks())
     assert len(refs) == 6 and alive == [0]
+
+
+def test_class_tokens_mean_the_same_class_after_a_run_is_saved_and_loaded(tmp_path):
+    """The tasks given in the manifests' order (not sorted): the model saved as a run saves it (key-sorted JSON) and
+    built again from that file answers every class prompt exactly as the trained one did."""
+    tasks = {"ct_lung": ["lung", "nodule"], "ct_abdomen": ["liver", "spleen"]}  # as a manifest list may order them
+    trained = build_model(dataclasses.replace(config(), tasks=tasks), bank()).eval()
+    write_json(tmp_path / "config.json", {"model": trained.config.to_dict()})
+    loaded = build_model(KA2ERConfig.from_dict(json.loads((tmp_path / "config.json").read_text())["model"]), bank()).eval()
+    loaded.load_state_dict(trained.state_dict())
+    assert loaded.class_names == trained.class_names
+    with torch.no_grad():
+        for name in trained.class_names:
+            assert torch.equal(loaded(image(), task=name).masks, trained(image(), task=name).masks), name
