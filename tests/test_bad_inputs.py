@@ -44,6 +44,14 @@ def run(argv, capsys, tmp):
     return rc, capsys.readouterr().err.replace(str(tmp), "<tmp>")
 
 
+def refused(argv, words, capsys, tmp):
+    "`amalgam ARGV` exits 2 with one line holding every word, and nothing below `tmp` was written or deleted."
+    before = tree(tmp)
+    rc, err = run(argv, capsys, tmp)
+    check_one_line(rc, err, 2, words)
+    assert tree(tmp) == before
+
+
 # ---------------------------------------------------------------- validate
 
 def unchecked(d, path):
@@ -101,10 +109,7 @@ def test_validate_bad_inputs(make, tmp_path, capsys, monkeypatch):
     spy = lambda real: (lambda p, *a, **k: (touched.append(str(p)), real(p, *a, **k))[1])
     monkeypatch.setattr(M, "sha256_file", spy(M.sha256_file))
     monkeypatch.setattr(M, "_read", spy(M._read))
-    before = tree(tmp_path)
-    rc, err = run(["validate", *argv], capsys, tmp_path)
-    check_one_line(rc, err, 2, words)
-    assert tree(tmp_path) == before
+    refused(["validate", *argv], words, capsys, tmp_path)
     if untouchable: assert not [t for t in touched if Path(t).resolve() == Path(untouchable).resolve()], touched
 
 
@@ -144,10 +149,7 @@ def m_symlink_escape(tmp):
                          ids=lambda f: f.__name__)
 def test_materialize_bad_inputs(make, tmp_path, capsys):
     argv, words = make(tmp_path)
-    before = tree(tmp_path)
-    rc, err = run(["materialize", *argv], capsys, tmp_path)
-    check_one_line(rc, err, 2, words)
-    assert tree(tmp_path) == before
+    refused(["materialize", *argv], words, capsys, tmp_path)
 
 
 def test_materialize_remaps_large_label_values_without_a_lookup_table(tmp_path, capsys):
@@ -191,10 +193,7 @@ def test_remove_stale_temporaries_only_matches_the_named_file(tmp_path):
 @pytest.mark.parametrize("extra, words", [(["--n-cases", "1000000"], ["n_cases", f"1..{MAX_PHANTOM_CASES}", "1000000"])],
                          ids=["n_cases_unbounded"])
 def test_phantoms_bad_inputs(extra, words, tmp_path, capsys):
-    before = tree(tmp_path)
-    rc, err = run(["phantoms", "--out", tmp_path / "manifests", "--tasks", "mr_cardiac", *extra], capsys, tmp_path)
-    check_one_line(rc, err, 2, words)
-    assert tree(tmp_path) == before
+    refused(["phantoms", "--out", tmp_path / "manifests", "--tasks", "mr_cardiac", *extra], words, capsys, tmp_path)
 
 
 # ---------------------------------------------------------------- report
@@ -209,10 +208,7 @@ def p_manifests_not_a_list(tmp):
 @pytest.mark.parametrize("make", [p_manifests_not_a_list], ids=lambda f: f.__name__)
 def test_report_bad_inputs(make, tmp_path, capsys):
     argv, words = make(tmp_path)
-    before = tree(tmp_path)
-    rc, err = run(["report", *argv], capsys, tmp_path)
-    check_one_line(rc, err, 2, words)
-    assert tree(tmp_path) == before
+    refused(["report", *argv], words, capsys, tmp_path)
 
 
 # ---------------------------------------------------------------- predict
@@ -308,7 +304,4 @@ def test_predict_bad_inputs(make, run3d, tmp_path, capsys, monkeypatch):
     args, words, before_model = make(run3d, tmp_path)
     if before_model:  # these must be refused before the (slow, large) model is loaded
         monkeypatch.setattr(I, "load_run", lambda *a, **k: pytest.fail("the model was loaded before the input was checked"))
-    before = tree(tmp_path)
-    rc, err = run(args, capsys, tmp_path)
-    check_one_line(rc, err, 2, words)
-    assert tree(tmp_path) == before
+    refused(args, words, capsys, tmp_path)
