@@ -419,7 +419,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 def _read_yaml(path: Path) -> Any:
     try: text = path.read_text(encoding="utf-8")
     except OSError as e: raise AmalgamError(f"{path}: cannot read ({e.strerror or e})") from e
-    except UnicodeDecodeError as e: raise AmalgamError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8") from None
+    except UnicodeDecodeError as e:
+        raise AmalgamError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                           "save it as UTF-8") from None
     try: return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e: raise AmalgamError(f"{path}: not valid YAML ({e})") from e
     except AmalgamError as e: raise AmalgamError(f"{path}: {e}") from e

@@ -213,7 +213,8 @@ class KA2ER(nn.Module):
                 prompts: Prompts | None = None,  # clicks, boxes, mask prompts, classes
                 task: str | Sequence[str] | None = None,  # 'task:class' (or a one-class 'task') for all, or one per batch element
                 multimask_output: bool = True,  # SAM's ambiguity-aware masks, else the single-mask output
-                expert_features: Mapping[str, Sequence[Tensor]] | None = None,  # `ExpertBank.encode(image, taps=self.expert_taps)`, when already computed (e.g. with the teachers' logits)
+                # `ExpertBank.encode(image, taps=self.expert_taps)`, when already computed (e.g. with the teachers' logits)
+                expert_features: Mapping[str, Sequence[Tensor]] | None = None,
                 expert_stats: Mapping[str, Tensor] | None = None,  # expert name -> B x C x 2 volume (mean, std)
                ) -> KA2EROutput:
         self.foundation.check_input(image)
