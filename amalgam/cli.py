@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,8 +21,8 @@ from .phantoms import write_phantom_manifests
 from .reports import check_out_dir, check_parameters, load_params, notebook_parameters, render_index, run_notebook
 
 # %% auto 0
-__all__ = ['DEMO_STEPS', 'DEMO_NOTEBOOKS', 'DEMO_PROFILES', 'parse_param', 'DemoProfile', 'demo_manifests', 'demo_plan',
-           'check_demo_plan', 'run_demo', 'build_parser', 'main']
+__all__ = ['DEMO_STEPS', 'DEMO_NOTEBOOKS', 'PROOF_ABLATIONS', 'DEMO_PROFILES', 'parse_param', 'DemoProfile', 'demo_manifests',
+           'demo_plan', 'check_demo_plan', 'run_demo', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb
 def parse_param(text: str) -> tuple[str, object]:
@@ -40,16 +40,23 @@ DEMO_NOTEBOOKS = {"data": "data_report.ipynb", "experts": "train_experts.ipynb",
 
 @dataclass(frozen=True)
 class DemoProfile:
-    "A demo profile: a params file per step (others run on their notebook's defaults) and the subfolders it writes to."
+    """A demo profile: a params file per step (others run on their notebook's defaults), notebook parameters per step
+    (over the params file), and the subfolders it writes to."""
     params: Mapping[str, str]  # step -> params file in nbs/experiments/params/
     reports: str = ""  # subfolder of the reports folder ("": the folder itself)
     workspace: str = ""  # subfolder of the workspace ("": the workspace itself)
+    parameters: Mapping[str, Mapping] = field(default_factory=dict)  # step -> {notebook parameter: value}
+
+# The proof profile's ablations: the two parts this method added to amalgamation and distillation, each against a
+# reference trained alongside (3 variants + 1 reference fit the two hours; all 15 would add about 1.5 hours).
+PROOF_ABLATIONS = ("encoder_taps", "no_expert_residual", "no_distillation")
 
 _KA2ER_STEPS = ("train", "evaluate", "ablations")  # one recipe: the ablations' reference run is the training step's
 DEMO_PROFILES = {
     "smoke": DemoProfile({s: "ka2er_smoke.yaml" for s in _KA2ER_STEPS}),
     "proof": DemoProfile({"experts": "train_experts_proof.yaml", **{s: "ka2er_proof.yaml" for s in _KA2ER_STEPS}},
-                         reports="proof", workspace="proof"),
+                         reports="proof", workspace="proof",
+                         parameters={"ablations": {"variants": list(PROOF_ABLATIONS), "expert_counts": []}}),
 }
 
 def demo_manifests() -> list[Path]:
@@ -67,7 +74,8 @@ def _reports_root(reports_dir: str | Path | None) -> Path:
 def demo_plan(profile: str = "smoke", steps: Sequence[str] = DEMO_STEPS, workspace_dir: str | Path | None = None,
               reports_dir: str | Path | None = None, params: Mapping | None = None) -> list[dict]:
     """The demo's `steps` of `profile`, in order: per step its `notebook`, `out_dir`, `parameters`, `params_file`
-    (`run_notebook`'s arguments) and the profile's `workspace`."""
+    (`run_notebook`'s arguments) and the profile's `workspace`. A step's parameters: the shipped manifests and the
+    workspace, then the profile's for that step, then those of `params` its notebook declares."""
     unknown = [f"step {s!r}" for s in steps if s not in DEMO_STEPS]
     if profile not in DEMO_PROFILES: unknown.append(f"profile {profile!r}")
     if unknown:
@@ -76,13 +84,14 @@ def demo_plan(profile: str = "smoke", steps: Sequence[str] = DEMO_STEPS, workspa
     prof, root = DEMO_PROFILES[profile], repo_root() or Path.cwd()
     ws, reports = workspace(workspace_dir) / prof.workspace, _reports_root(reports_dir) / prof.reports
     params_dir = root / "nbs" / "experiments" / "params"
-    given = {"manifests": [str(m) for m in demo_manifests()], "workspace": str(ws), **(params or {})}
+    given = {"manifests": [str(m) for m in demo_manifests()], "workspace": str(ws)}
     plan = []
     for step in (s for s in DEMO_STEPS if s in steps):
         notebook = root / "nbs" / "experiments" / DEMO_NOTEBOOKS[step]
         declared = notebook_parameters(notebook)
+        step_params = {**given, **prof.parameters.get(step, {}), **(params or {})}  # the caller's win
         plan.append({"step": step, "notebook": notebook, "out_dir": reports / step, "workspace": ws,
-                     "parameters": {k: v for k, v in given.items() if k in declared},
+                     "parameters": {k: v for k, v in step_params.items() if k in declared},
                      "params_file": params_dir / prof.params[step] if step in prof.params else None})
     unused = [k for k in (params or {}) if not any(k in s["parameters"] for s in plan)]
     if unused:
