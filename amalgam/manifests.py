@@ -128,7 +128,13 @@ def _user_path(source: Mapping, what: str) -> Path:
     if not p.exists(): raise AmalgamError(f"source {what}: {p} does not exist")
     return p.resolve()
 
-def _ref(root: Path, p: Path) -> dict: return {"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p)}
+def _ref(root: Path, p: Path) -> dict:
+    """A discovered file as a manifest entry (path relative to `root`, sha256). A file that resolves outside `root`
+    (a symlink, or a linked folder on the way) is refused before a byte of it is read, as `validate` refuses it."""
+    if not p.resolve().is_relative_to(root.resolve()):
+        raise AmalgamError(f"{p}: symlink to {p.resolve()}, outside the source folder {root}; "
+                           "copy the file in instead (nothing was pinned)")
+    return {"path": p.relative_to(root).as_posix(), "sha256": sha256_file(p)}
 
 def _discover_nnunet_layout(source: Mapping, root: Path, manifest: "Manifest") -> list:
     "Labelled cases of an nnU-Net raw folder: labelsTr/labelsTs files and their imagesTr/imagesTs channel files."

@@ -226,7 +226,7 @@ def test_datalist(tmp_path, tiny):
 
 # ---------------------------------------------------------------- sources
 
-def test_folder_source_pins_on_first_use(tmp_path):
+def test_folder_source_pins_on_first_use(tmp_path, monkeypatch):
     src, g = tmp_path / "folder", np.random.default_rng(0)
     for s in ("sub01", "sub02", "sub03", "sub04"):
         for ch in ("t2", "adc"): save(g.normal(size=(9, 8, 7)).astype(np.float32), src / s / f"{s}_{ch}.nii.gz")
@@ -250,6 +250,15 @@ def test_folder_source_pins_on_first_use(tmp_path):
     (src / "sub02" / "sub02_adc.nii.gz").unlink(); m.lock_path.unlink()
     with pytest.raises(AmalgamError, match=r"\['sub02'\] lack a label or a channel"):
         M.materialize(mpath, tmp_path / "nnUNet_raw2", source_options={"path": str(src)})
+    # a discovered file that links out of the source folder is refused before it is read or hashed
+    save(g.normal(size=(9, 8, 7)).astype(np.float32), src / "sub02" / "sub02_adc.nii.gz")
+    (src / "sub02").rename(tmp_path / "elsewhere"); (src / "sub02").symlink_to(tmp_path / "elsewhere")
+    hashed = []
+    monkeypatch.setattr(M, "sha256_file", lambda f, _real=M.sha256_file: hashed.append(Path(f)) or _real(f))
+    with pytest.raises(AmalgamError, match="sub02_.*outside the source folder"):
+        M.materialize(mpath, tmp_path / "nnUNet_raw3", source_options={"path": str(src)})
+    assert hashed and not any("elsewhere" in str(f.resolve()) for f in hashed), hashed
+    assert not m.lock_path.exists() and not (tmp_path / "nnUNet_raw3").exists()
 
 
 def make_msd_task(parent, name="Task05_Prostate", n=4, channels=("T2", "ADC"), labels=("PZ", "TZ"), shape=(10, 9, 6)):
