@@ -19,7 +19,7 @@ install: $(STAMP)
 # torch and torchvision must be resolved together (nnunetv2 -> timm imports torchvision).
 $(STAMP): settings.ini setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[all,dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	$(BIN)/python -c "import torch, torchvision, monai, nnunetv2, amalgam; print('installed: torch', torch.__version__, 'torchvision', torchvision.__version__, 'monai', monai.__version__)"
 	touch $@

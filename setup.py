@@ -19,6 +19,9 @@ lic = licenses[cfg["license"].lower()]
 min_python = cfg["min_python"]
 requirements = shlex.split(cfg.get("requirements", ""))
 dev_requirements = shlex.split(cfg.get("dev_requirements", ""))
+extras = {extra: shlex.split(cfg.get(f"{key}_requirements", ""))
+          for extra, key in (("notebooks", "notebook"), ("widgets", "widget"), ("baselines", "baseline"))}
+extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
 console_scripts = [s.strip() for s in cfg.get("console_scripts", "").split() if s.strip()]
 
 with open("README.md", encoding="utf-8") as f:
@@ -39,7 +42,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["amalgam", "amalgam.*"]),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={**extras, "dev": dev_requirements},
     dependency_links=cfg.get("dep_links", "").split(),
     python_requires=">=" + min_python,
     long_description=long_description,

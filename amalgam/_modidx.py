@@ -2,7 +2,7 @@
 
 d = { 'settings': { 'branch': 'main',
                 'doc_baseurl': '/',
-                'doc_host': 'https://amalgam.invalid',
+                'doc_host': 'https://github.com/amalgam/amalgam',
                 'git_url': 'https://github.com/amalgam/amalgam',
                 'lib_path': 'amalgam'},
   'syms': { 'amalgam.amalgamation': { 'amalgam.amalgamation.AmalgamationLayer': ( 'amalgamation.html#amalgamationlayer',

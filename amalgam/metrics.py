@@ -10,7 +10,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
@@ -135,8 +134,9 @@ def per_class_table(summary: Sequence[Mapping], metric: str = "dice", digits: in
 
 # %% ../nbs/13_metrics.ipynb
 def dice_ci_figure(summary: Sequence[Mapping],  # `summarize` rows (grouped by method and task, optionally class and mode)
-                   metric: str = "dice") -> go.Figure:
+                   metric: str = "dice") -> "go.Figure":
     "Grouped bars of `<metric>_mean` per task/class, one colour per method (per method and mode when there are several modes), CI error bars."
+    import plotly.graph_objects as go  # plotly is an extra (notebooks, widgets); the metrics themselves do not need it
     _require(summary, metric)
     several_modes = len({r.get("mode") for r in summary}) > 1
     traces: dict[str, dict[str, Mapping]] = {}
