@@ -33,6 +33,7 @@ from .config import AmalgamError, atomic_path
 from .data import DataConfig, box_from_mask, center_click, corrective_click
 from .model import KA2ER, zscore
 from .prompts import Prompts
+from .bundles import open_bundle
 from .train import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
@@ -191,6 +192,13 @@ class Segmenter:
         "The segmenter of a finished training run folder (`config.json` + `model.pt`, experts rebuilt from their folders)."
         model = load_run(run_dir, device=device)
         return cls(model, DataConfig.from_dict(read_run_config(run_dir)["data"]), device, **kwargs)
+
+    @classmethod
+    def from_bundle(cls, zip_path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dest: str | os.PathLike | None = None, **kwargs) -> "Segmenter":
+        """The segmenter of a bundle made by `amalgam export`: every member checked, unpacked once (`open_bundle`, into
+        `dest` or the workspace), then loaded as a run; no other file is needed."""
+        return cls.from_run(open_bundle(zip_path, dest), device, **kwargs)
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -656,8 +664,10 @@ def predict_main(args: argparse.Namespace) -> int:
     _check_output_dir(out_dir)
     clash = [p for p in inputs if p.resolve() == (out_dir / f"{nifti_stem(p)}.nii.gz").resolve()]
     if clash: raise AmalgamError(f"{clash[0]}: the output would overwrite this input; choose another -o folder")
-    segmenter = Segmenter.from_run(args.run, device, batch_size=args.batch_size)
-    if args.save_weights and not segmenter.weight_names: raise AmalgamError(f"--save-weights: {args.run} is a baseline run without experts")
+    segmenter = (Segmenter.from_bundle(args.model, device, batch_size=args.batch_size) if args.model
+                 else Segmenter.from_run(args.run, device, batch_size=args.batch_size))
+    if args.save_weights and not segmenter.weight_names:
+        raise AmalgamError(f"--save-weights: {args.model or args.run} is a baseline run without experts")
     where = {p: "--task" if args.auto else f"{args.prompts} ({p.name})" for p in inputs}
     for p in inputs:
         if prompts[p].get("task") is not None:
@@ -681,7 +691,9 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
                               "Prompts JSON: {\"coordinate_system\": \"voxel\"|\"world\", \"points\": [[i,j,k],...], \"point_labels\": [1,0,...], "
                               "\"box\": [[i0,j0,k0],[i1,j1,k1]], \"task\": \"task:class\", \"cases\": {\"file.nii.gz\": {...}}}; voxel = the file's "
                               "own (i,j,k) indices, world = NIfTI world (RAS+) mm; top-level prompts apply to inputs without a case entry.")
-    p.add_argument("-r", "--run", required=True, help="training run folder (config.json + model.pt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("-r", "--run", help="training run folder (config.json + model.pt)")
+    model.add_argument("-m", "--model", help="bundle zip made by `amalgam export` (self-contained, checked on load)")
     p.add_argument("-i", "--input", nargs="+", required=True, help="NIfTI file(s) and/or folder(s) of .nii/.nii.gz files")
     p.add_argument("-o", "--output", required=True, help="output folder (created; masks are named after the inputs)")
     how = p.add_mutually_exclusive_group(required=True)

@@ -36,7 +36,8 @@ from .prompts import LayerNormChannels, Prompts
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
            'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'multimask_for', 'best_mask',
            'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'train_step', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff', 'read_run_config', 'train', 'load_run']
+           'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff', 'read_run_config', 'train', 'expert_folder',
+           'load_run']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -506,6 +507,13 @@ def _summary(run_dir, steps, start, ctx, last, seconds) -> dict:
             **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "grad_norm", "lr")}}
 
 # %% ../nbs/11_train.ipynb
+def expert_folder(source: Mapping, run_dir: str | os.PathLike) -> Path:
+    """The nnU-Net folder of an expert recorded in a run's config: an absolute path as recorded; a relative one is read
+    relative to the run folder (a bundle's `../experts/<name>`), else, as earlier versions recorded it, to the cwd."""
+    folder = Path(source["folder"])
+    if folder.is_absolute() or not (Path(run_dir) / folder).is_dir(): return folder
+    return Path(run_dir) / folder
+
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", experts: ExpertBank | None = None) -> KA2ER:
     "The trained model of `run_dir` in eval mode: rebuilt from `config.json`, weights from `model.pt` (strict). Experts are reloaded from the recorded nnU-Net folders unless given."
     run_dir = Path(run_dir)
@@ -515,7 +523,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", exp
     if experts is None and recorded:
         unknown = [s.get("name") for s in recorded if not s.get("folder") or s.get("fold") is None]
         if unknown: raise AmalgamError(f"{run_dir / 'config.json'}: experts {unknown} have no recorded nnU-Net folder/fold; pass experts= to load_run")
-        experts = ExpertBank([Expert.from_folder(s["folder"], fold=s["fold"], labels=s.get("labels"), name=s["name"]) for s in recorded])
+        experts = ExpertBank([Expert.from_folder(expert_folder(s, run_dir), fold=s["fold"], labels=s.get("labels"), name=s["name"])
+                              for s in recorded])
         for e, s in zip(experts, recorded): e.amp = s.get("amp", "auto")  # the precision the run trained them at
     if experts is not None and sorted(experts.names) != sorted(s["name"] for s in recorded):
         raise AmalgamError(f"{run_dir / 'config.json'}: the run was trained with experts {sorted(s['name'] for s in recorded)}, got {sorted(experts.names)}")
