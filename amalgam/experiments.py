@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import AmalgamError, DictConfig, workspace
+from .config import AmalgamError, DictConfig, did_you_mean, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, TAPS, Expert, ExpertBank, NnUNetPaths, train_expert
@@ -132,8 +131,7 @@ def variant_edit(name: str, n_experts: int) -> dict:
     if name.startswith("experts_k") and name[9:].isdigit() and 1 <= int(name[9:]) <= n_experts:
         return {"experts": int(name[9:])}
     known = ["ka2er", "baseline", *ABLATIONS, *(f"experts_k{k}" for k in range(1, n_experts + 1))]
-    hint = difflib.get_close_matches(name, known, 1)
-    raise AmalgamError(f"variant {name!r}: unknown; choose from {known}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    raise AmalgamError(f"variant {name!r}: unknown; choose from {known}{did_you_mean(name, known)}")
 
 # %% ../nbs/17_experiments.ipynb
 def variant_configs(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str = "ka2er", n_experts: int | None = None,

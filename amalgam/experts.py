@@ -34,7 +34,8 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from .config import AmalgamError, atomic_dir, atomic_write, sha256_file, workspace, replace_dir, write_json
+from .config import (AmalgamError, atomic_dir, atomic_write, load_weights, sha256_file, workspace, replace_dir,
+                            write_json)
 from .manifests import Manifest, load_manifest, materialize
 
 # %% auto 0
@@ -266,13 +267,6 @@ def _is_preprocessed(folder: Path, plans: str, configuration: str) -> bool:
     return data.is_dir() and any(data.iterdir())
 
 # %% ../nbs/03_experts.ipynb
-def _load_checkpoint(path: Path) -> dict:
-    "An nnU-Net checkpoint loaded with `weights_only=True` (nnU-Net stores NumPy scalars in its logs, allowed explicitly)."
-    numpy_types = [np.dtype, np._core.multiarray.scalar, *(getattr(np.dtypes, n) for n in ("Float32DType", "Float64DType", "Int64DType"))]
-    try:
-        with torch.serialization.safe_globals(numpy_types): return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise AmalgamError(f"{path}: not a readable nnU-Net checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-
 def training_summary(model_folder: str | os.PathLike, fold: int = 0) -> dict:
     "Validation Dice per class (nnU-Net's final validation) and per-epoch training curves of one trained fold."
     fold_dir = Path(model_folder) / f"fold_{fold}"
@@ -281,7 +275,7 @@ def training_summary(model_folder: str | os.PathLike, fold: int = 0) -> dict:
     summary = json.loads(summary_file.read_text())
     labels = json.loads((Path(model_folder) / "dataset.json").read_text())["labels"]
     names = {str(v): k for k, v in labels.items()}
-    log = _load_checkpoint(fold_dir / "checkpoint_final.pth")["logging"]
+    log = load_weights(fold_dir / "checkpoint_final.pth", "nnU-Net checkpoint")["logging"]
     curves = {k: [float(v) for v in log[k]] for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")}
     curves["epoch_seconds"] = [float(e - s) for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
     return {"dice": {names.get(k, k): float(v["Dice"]) for k, v in summary["mean"].items()},
@@ -611,7 +605,7 @@ def _from_folder(cls, path: str | os.PathLike, fold: int | str = 0, checkpoint: 
     ckpt_file = fold_dir / checkpoint
     if not ckpt_file.is_file():
         raise AmalgamError(f"{fold_dir}: no {checkpoint} (available: {sorted(p.name for p in fold_dir.glob('*.pth')) or 'none'})")
-    ckpt = _load_checkpoint(ckpt_file)
+    ckpt = load_weights(ckpt_file, "nnU-Net checkpoint")
     try: configuration = ckpt["init_args"]["configuration"]
     except (KeyError, TypeError): raise AmalgamError(f"{ckpt_file}: not an nnU-Net v2 checkpoint (no init_args.configuration)") from None
     if folder.name.count("__") == 2 and folder.name.rsplit("__", 1)[1] != configuration:

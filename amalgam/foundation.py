@@ -17,7 +17,7 @@ from monai.networks.blocks import UnetrBasicBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import Tensor, nn
 
-from .config import AmalgamError
+from .config import AmalgamError, load_weights
 
 # %% auto 0
 __all__ = ['SWIN_DIVISOR', 'Foundation', 'pad_to_multiple', 'crop_to', 'LoadReport', 'load_pretrained']
@@ -159,11 +159,7 @@ def _model_key(key: str, ssl: bool) -> str:
 
 def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     "The tensors of a checkpoint file (`{'state_dict': {...}}` or a bare state dict) and its format name."
-    if not path.is_file(): raise AmalgamError(f"{path}: checkpoint file not found")
-    try: obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code; say so rather than show the unpickler's stack
-        raise AmalgamError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                           "re-save it as a plain state dict of tensors") from e
+    obj = load_weights(path, "checkpoint file", remedy="; re-save it as a plain state dict of tensors")
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping) or not sd: raise AmalgamError(f"{path}: expected a state dict or {{'state_dict': ...}}, found {type(obj).__name__}")
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]

@@ -5,7 +5,6 @@
 # %% ../nbs/01_manifests.ipynb 2
 from __future__ import annotations
 
-import difflib
 import gzip
 import hashlib
 import importlib
@@ -27,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from .config import AmalgamError, atomic_dir, atomic_write, package_versions, remove_stale_temporaries, rng, sha256_file, workspace
+from .config import AmalgamError, atomic_dir, atomic_write, did_you_mean, package_versions, remove_stale_temporaries, rng, sha256_file, workspace
 
 # %% auto 0
 __all__ = ['SPLITS', 'SourceProvider', 'BUILTIN_SOURCE_MODULES', 'COMMON_SOURCE_KEYS', 'SCHEMA_VERSION', 'LABEL_QUALITIES',
@@ -106,16 +105,12 @@ def _registered(kind: str) -> _Registered:
         except ImportError as e: raise AmalgamError(f"source kind {kind!r}: its module {BUILTIN_SOURCE_MODULES[kind]} cannot be imported ({e})") from e
     if kind not in _SOURCES:
         known = sorted(set(_SOURCES) | set(BUILTIN_SOURCE_MODULES))
-        raise AmalgamError(f"source kind {kind!r}: unknown{_hint(kind, known)}; known kinds: {known}")
+        raise AmalgamError(f"source kind {kind!r}: unknown{did_you_mean(kind, known)}; known kinds: {known}")
     return _SOURCES[kind]
 
 def get_source(kind: str) -> SourceProvider:
     "The provider registered for `kind` (importing the module that provides it, for built-in kinds such as 'phantom')."
     return _registered(kind).provider
-
-def _hint(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 # %% ../nbs/01_manifests.ipynb
 def _user_path(source: Mapping, what: str) -> Path:
@@ -213,7 +208,7 @@ def _tname(t) -> str: return " or ".join(x.__name__ for x in (t if isinstance(t,
 def _check_keys(d: Mapping, spec: Mapping, where: str, file: str, out: list) -> None:
     "Unknown keys (with a did-you-mean hint), missing required keys and wrong types of `d` against `spec` (key -> (type, required))."
     for k in d:
-        if k not in spec: out.append(Problem(file, f"{where}unknown key {k!r}{_hint(k, spec)}"))
+        if k not in spec: out.append(Problem(file, f"{where}unknown key {k!r}{did_you_mean(k, spec)}"))
     for k, (t, req) in spec.items():
         if k not in d:
             if req: out.append(Problem(file, f"{where}missing required key {k!r}"))
@@ -378,9 +373,9 @@ def _parse(raw: Any, file: str) -> tuple[Manifest | None, list]:
     ending = g("file_ending", ".nii.gz")
     if ending not in (".nii.gz", ".nii"): out.append(Problem(file, f"file_ending {ending!r}: amalgam reads NIfTI only (.nii.gz or .nii)"))
     quality = g("label_quality", "")
-    if quality and quality not in LABEL_QUALITIES: out.append(Problem(file, f"label_quality {quality!r} must be one of {list(LABEL_QUALITIES)}{_hint(quality, LABEL_QUALITIES)}"))
+    if quality and quality not in LABEL_QUALITIES: out.append(Problem(file, f"label_quality {quality!r} must be one of {list(LABEL_QUALITIES)}{did_you_mean(quality, LABEL_QUALITIES)}"))
     pin = g("pin", "manifest")
-    if pin not in PIN_MODES: out.append(Problem(file, f"pin {pin!r} must be one of {list(PIN_MODES)}{_hint(pin, PIN_MODES)}"))
+    if pin not in PIN_MODES: out.append(Problem(file, f"pin {pin!r} must be one of {list(PIN_MODES)}{did_you_mean(pin, PIN_MODES)}"))
     source = g("source", {})
     _check_source(source, labels, file, out)
     cases = _parse_cases(g("cases", []), len(channels), file, out)
@@ -659,7 +654,7 @@ def materialize(manifest: Manifest | str | os.PathLike, nnunet_raw: str | os.Pat
 def datalist(manifest: Manifest | str | os.PathLike, split: str, root: str | os.PathLike | None = None) -> list:
     "MONAI-style `[{'image', 'label', 'case_id', 'task'}]` for `split` (train/val/test) of the materialised dataset `root` (default `<nnUNet_raw>/DatasetXXX_Name`)."
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    if split not in SPLITS: raise AmalgamError(f"split {split!r}: must be one of {list(SPLITS)}{_hint(split, SPLITS)}")
+    if split not in SPLITS: raise AmalgamError(f"split {split!r}: must be one of {list(SPLITS)}{did_you_mean(split, SPLITS)}")
     if not m.pinned: raise AmalgamError(f"{m.path}: cases not pinned yet (pin: first_use); run materialize() first")
     root = Path(root) if root is not None else nnunet_raw_dir() / m.dataset_folder_name
     if not (root / "dataset.json").is_file(): raise AmalgamError(f"{root}: not a materialised dataset (no dataset.json); run materialize({m.path}) first")

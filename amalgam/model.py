@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import numbers
 import os
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .amalgamation import AmalgamationLayer
-from .config import AmalgamError, DictConfig, rng, write_json
+from .config import AmalgamError, DictConfig, did_you_mean, rng, write_json
 from .experts import TAPS, ExpertBank
 from .foundation import SWIN_DIVISOR, Foundation, LoadReport, load_pretrained
 from .prompts import MaskDecoder, PromptEncoder, Prompts
@@ -174,8 +173,8 @@ class KA2ER(nn.Module):
         in_task = [c for c in self.class_names if c.split(":", 1)[0] == name]
         if len(in_task) == 1: return self.class_names.index(in_task[0])
         if in_task: raise AmalgamError(f"task {name!r}: ambiguous, it has classes {in_task}; give one as 'task:class'")
-        hint = difflib.get_close_matches(name, self.class_names, 1)
-        raise AmalgamError(f"task {name!r}: not in the class vocabulary {self.class_names}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        raise AmalgamError(f"task {name!r}: not in the class vocabulary {self.class_names}"
+                           f"{did_you_mean(name, self.class_names)}")
 
     def _prompts(self, prompts: Prompts | None, task: str | Sequence[str] | None, batch: int) -> Prompts:
         "The prompts with `task` resolved into class indices (automatic mode, or class-conditioned clicks)."

@@ -5,7 +5,6 @@
 # %% ../nbs/15_reports.ipynb 2
 from __future__ import annotations
 
-import difflib
 import glob
 import html
 import json
@@ -20,7 +19,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from .config import AmalgamError, atomic_dir, atomic_write, provenance, repo_root, write_json
+from .config import AmalgamError, atomic_dir, atomic_write, did_you_mean, provenance, repo_root, write_json
 
 # %% auto 0
 __all__ = ['REPORT_WRITER', 'THIRD_PARTY_MODULES', 'VERDICT_OPPONENTS', 'HEADLINES', 'setup_plotly', 'check_offline',
@@ -76,9 +75,8 @@ def check_parameters(notebook: str | os.PathLike, names: Iterable[str]) -> None:
     declared = notebook_parameters(notebook)
     unknown = [n for n in dict.fromkeys(names) if n not in declared]
     if not unknown: return
-    hint = lambda n: f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(n), declared, 1)) else ""
     known = f"it declares {', '.join(declared)}" if declared else "it has no cell tagged `parameters`"
-    names = ", ".join(f"{n!r}{hint(n)}" for n in unknown)
+    names = ", ".join(f"{n!r}{did_you_mean(n, declared)}" for n in unknown)
     raise AmalgamError(f"{Path(notebook).name}: unknown parameter(s) {names}; {known}")
 
 # %% ../nbs/15_reports.ipynb

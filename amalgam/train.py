@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, remove_stale_temporaries, rng, seed_everything,
+from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, load_weights, remove_stale_temporaries, rng, seed_everything,
                             sha256_file, write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
@@ -323,9 +323,7 @@ def save_checkpoint(path: str | os.PathLike, model: KA2ER, optimizer, scheduler,
     return path
 
 def _torch_load(path: Path, what: str) -> dict:
-    if not path.is_file(): raise AmalgamError(f"{path}: {what} not found")
-    try: obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise AmalgamError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    obj = load_weights(path, what)
     if not isinstance(obj, dict) or "model" not in obj: raise AmalgamError(f"{path}: not an amalgam {what} (expected a dict with a 'model' state_dict)")
     return obj
 
