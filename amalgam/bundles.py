@@ -25,7 +25,8 @@ from .manifests import load_manifest
 from .train import _torch_load, expert_folder, read_run_config
 
 # %% auto 0
-__all__ = ['BUNDLE_FORMAT', 'BUNDLE_INDEX', 'MAX_BUNDLE_BYTES', 'model_card', 'export_bundle', 'open_bundle']
+__all__ = ['BUNDLE_FORMAT', 'BUNDLE_INDEX', 'MAX_BUNDLE_BYTES', 'class_label_values', 'model_card', 'export_bundle',
+           'open_bundle']
 
 # %% ../nbs/11b_bundles.ipynb
 BUNDLE_FORMAT = 1
@@ -51,9 +52,9 @@ def _expert_members(source: Mapping, run_dir: Path) -> dict[str, Path]:
     return {f"{base}/{p.relative_to(folder).as_posix()}": p for p in need + [p for p in optional if p.is_file()]}
 
 # %% ../nbs/11b_bundles.ipynb
-def _class_labels(cfg: Mapping, run_dir: Path) -> dict[str, dict[str, int | None]]:
-    """Task -> class -> label value: from the task's expert, else from its training manifest when it can be read, else
-    None (a value the bundle cannot vouch for is left out rather than guessed)."""
+def class_label_values(cfg: Mapping) -> dict[str, dict[str, int | None]]:
+    """Task -> class -> label value of a run's config: from the task's expert, else from its training manifest when it
+    can be read, else None (a value the run cannot vouch for is left out rather than guessed)."""
     values: dict[str, dict[str, int]] = {s["task"]: dict(s.get("labels") or {})
                                          for s in cfg["experts"] if s.get("task")}
     for ref in cfg["manifests"]:
@@ -85,7 +86,7 @@ def model_card(run_dir: str | os.PathLike, evaluation: str | os.PathLike | None 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     return {"format": BUNDLE_FORMAT, "kind": "ka2er" if cfg["experts"] else "baseline (no experts)",
-            "spatial_dims": cfg["model"]["spatial_dims"], "classes": _class_labels(cfg, run_dir),
+            "spatial_dims": cfg["model"]["spatial_dims"], "classes": class_label_values(cfg),
             "experts": [{k: s.get(k) for k in ("name", "task", "fold", "labels", "amp")} for s in cfg["experts"]],
             "training_manifests": [{"path": r["path"], "sha256": r["sha256"]} for r in cfg["manifests"]],
             "evaluation": _evaluation_headline(Path(evaluation), run_dir) if evaluation is not None else None,

@@ -29,18 +29,18 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import AmalgamError, atomic_path
+from .config import AmalgamError, atomic_path, did_you_mean
 from .data import DataConfig, box_from_mask, center_click, corrective_click
 from .model import KA2ER, zscore
 from .prompts import Prompts
-from .bundles import open_bundle
+from .bundles import class_label_values, open_bundle
 from .train import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
 __all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'MAX_VOXELS', 'voxel_to_world', 'world_to_voxel', 'tensor_affine',
-           'SegmentationResult', 'Segmenter', 'prompted_segmentation', 'nifti_stem', 'find_inputs', 'NiftiVolume',
-           'working_pixdim', 'load_nifti', 'case_prompts', 'read_prompts', 'predict_main', 'add_predict_parser',
-           'predict_cli']
+           'SegmentationResult', 'TaskSegmentation', 'label_map', 'Segmenter', 'prompted_segmentation', 'nifti_stem',
+           'find_inputs', 'NiftiVolume', 'working_pixdim', 'load_nifti', 'case_prompts', 'read_prompts', 'predict_main',
+           'add_predict_parser', 'predict_cli']
 
 # %% ../nbs/12_infer.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +130,20 @@ class SegmentationResult:
     probability: np.ndarray | None = None  # float32 *spatial, blended sigmoid of the mask logits
     expert_weights: dict[str, np.ndarray] | None = None  # name (experts..., "foundation") -> float32 *spatial amalgamation weight (None for the baseline)
 
+@dataclass(eq=False)
+class TaskSegmentation:
+    "What `Segmenter.segment_task` returns: every class of one task in automatic mode, in the image's tensor axis order."
+    labels: np.ndarray  # *spatial label map: each voxel the label value of its most probable class above 0.5, else 0
+    probabilities: np.ndarray  # float32 K x *spatial, one map per class, in `classes` order
+    classes: list[str]  # the task's class names (the model's vocabulary order)
+    values: list[int]  # each class's label value (the task's own, as its manifest and expert have them)
+
+def label_map(probabilities: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    "`K x *spatial` class probabilities -> the value of the most probable class where it exceeds 0.5, else 0."
+    top = int(max(values))
+    out = np.where(probabilities.max(0) > 0.5, np.asarray(values)[probabilities.argmax(0)], 0)
+    return out.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.int32)
+
 # %% ../nbs/12_infer.ipynb
 def _as_volume(image, in_channels: int) -> Tensor:
     "`image` as a finite float32 `C x *spatial` tensor (3 spatial axes), or an `AmalgamError` naming the problem."
@@ -173,6 +187,7 @@ class Segmenter:
                  batch_size: int = 16,  # windows per forward pass
                  overlap: float = 0.5,  # sliding-window overlap (nnU-Net's tile step of 0.5)
                  cache_mb: float = 512,  # memory for cached window encodings (see `_encode`); 0 turns the cache off
+                 label_values: Mapping[str, Mapping[str, int | None]] | None = None,  # task -> class -> label value
                 ):
         if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
             raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config spatial_dims={data_config.spatial_dims}, "
@@ -186,12 +201,14 @@ class Segmenter:
         self.batch_size, self.overlap = int(batch_size), float(overlap)
         if cache_mb < 0: raise AmalgamError(f"Segmenter: cache_mb must be >= 0, got {cache_mb}")
         self._cache = _EncodingCache(int(cache_mb * 2**20))
+        self.label_values = {t: dict(v) for t, v in (label_values or {}).items()}
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
         "The segmenter of a finished training run folder (`config.json` + `model.pt`, experts rebuilt from their folders)."
-        model = load_run(run_dir, device=device)
-        return cls(model, DataConfig.from_dict(read_run_config(run_dir)["data"]), device, **kwargs)
+        model, cfg = load_run(run_dir, device=device), read_run_config(run_dir)
+        kwargs.setdefault("label_values", class_label_values(cfg))
+        return cls(model, DataConfig.from_dict(cfg["data"]), device, **kwargs)
 
     @classmethod
     def from_bundle(cls, zip_path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -214,6 +231,23 @@ class Segmenter:
     def weight_names(self) -> tuple[str, ...]:
         "Channel names of the expert-weight maps (experts..., 'foundation'); empty for the baseline."
         return () if self.model.amalgamation is None else (*self.model.amalgamation.expert_names, "foundation")
+
+    def task_values(self, task: str) -> list[int]:
+        """The label values of `task`'s classes, in vocabulary order: the run's own (its experts' or manifests'), or
+        1..K where the run does not record every one of them (a model built without a run folder)."""
+        if task not in self.tasks:
+            raise AmalgamError(f"task {task!r}: not one of this model's tasks {list(self.tasks)}{did_you_mean(task, self.tasks)}")
+        known = [self.label_values.get(task, {}).get(c) for c in self.tasks[task]]
+        return [int(v) for v in known] if None not in known else list(range(1, len(known) + 1))
+
+    def segment_task(self, image, task: str, progress: bool = False) -> TaskSegmentation:
+        """Automatic mode for every class of `task` at once, as nnU-Net answers: one label map with the task's label
+        values (each voxel the most probable class whose probability exceeds 0.5, else 0) and per-class probabilities.
+        Window encodings are cached, so the classes share one pass of the experts and the foundation."""
+        values, classes = self.task_values(task), self.tasks[task]
+        probs = np.stack([self.segment(image, task=f"{task}:{c}", return_probability=True, progress=progress).probability
+                          for c in classes])
+        return TaskSegmentation(label_map(probs, values), probs, list(classes), values)
 
     def check_task(self, task: str) -> int:
         "Class-token index of `task` ('task:class', or a task with one class); an `AmalgamError` for an unknown or ambiguous name."
@@ -618,15 +652,9 @@ def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, 
     return out
 
 # %% ../nbs/12_infer.ipynb
-def _write_case(out_dir: Path, case: NiftiVolume, result: SegmentationResult, save_probability: bool) -> list[Path]:
-    "The case's mask (and probability / weight maps) as NIfTI files on the input's grid with its affine and header, all renamed into place together."
-    names = list(result.expert_weights or {})
-    maps = torch.from_numpy(np.stack([result.probability, *(result.expert_weights[n] for n in names)]))
-    restored = case.restore(maps)  # back on the file's grid: the mask is the restored probability > 0.5
-    name = nifti_stem(case.path)
-    files = {out_dir / f"{name}.nii.gz": ((restored[0] > 0.5), np.uint8)}
-    if save_probability: files[out_dir / f"{name}_probability.nii.gz"] = (restored[0], np.float32)
-    for i, n in enumerate(names): files[out_dir / f"{name}_weights_{n}.nii.gz"] = (restored[1 + i], np.float32)
+def _save_outputs(case: NiftiVolume, files: Mapping[Path, tuple], sidecars: Mapping[Path, Mapping] | None = None) -> list[Path]:
+    """Write `files` ({path: (array on the file's grid, dtype)}) as NIfTI with the input's affine and header, and the JSON
+    `sidecars`, each to a temporary name first, all renamed into place together."""
     img = case.nifti
     with contextlib.ExitStack() as stack:
         for path, (array, dtype) in files.items():
@@ -635,7 +663,35 @@ def _write_case(out_dir: Path, case: NiftiVolume, result: SegmentationResult, sa
             out = type(img)(np.asarray(array).astype(dtype), img.affine, header=header)
             out.header.set_slope_inter(1, 0)  # the input's intensity scaling must not rescale a mask
             nib.save(out, stack.enter_context(atomic_path(path)))
-    return list(files)
+        for path, obj in (sidecars or {}).items():
+            stack.enter_context(atomic_path(path)).write_text(json.dumps(obj, indent=2) + "\n")
+    return [*files, *(sidecars or {})]
+
+def _write_case(out_dir: Path, case: NiftiVolume, result: SegmentationResult, save_probability: bool) -> list[Path]:
+    "The case's mask (and probability / weight maps) on the input's grid with its affine and header."
+    names = list(result.expert_weights or {})
+    maps = torch.from_numpy(np.stack([result.probability, *(result.expert_weights[n] for n in names)]))
+    restored = case.restore(maps)  # back on the file's grid: the mask is the restored probability > 0.5
+    name = nifti_stem(case.path)
+    files = {out_dir / f"{name}.nii.gz": ((restored[0] > 0.5), np.uint8)}
+    if save_probability: files[out_dir / f"{name}_probability.nii.gz"] = (restored[0], np.float32)
+    for i, n in enumerate(names): files[out_dir / f"{name}_weights_{n}.nii.gz"] = (restored[1 + i], np.float32)
+    return _save_outputs(case, files)
+
+def _write_task_case(out_dir: Path, case: NiftiVolume, task: str, seg: TaskSegmentation, save_probabilities: bool) -> list[Path]:
+    """A whole task's label map on the input's grid (the classes' probabilities restored to the file's grid first, then
+    the label map taken there, as for one class); with `save_probabilities`, a 4D NIfTI of the per-class probabilities
+    (classes on the last axis) and a JSON naming its channels."""
+    restored = case.restore(torch.from_numpy(seg.probabilities))
+    labels = label_map(restored, seg.values)
+    name = nifti_stem(case.path)
+    files = {out_dir / f"{name}.nii.gz": (labels, labels.dtype)}
+    sidecars = {}
+    if save_probabilities:
+        files[out_dir / f"{name}_probabilities.nii.gz"] = (np.moveaxis(restored, 0, -1), np.float32)
+        sidecars[out_dir / f"{name}_probabilities.json"] = {"task": task, "classes": seg.classes,
+                                                             "label_values": seg.values, "axis": restored.ndim - 1}
+    return _save_outputs(case, files, sidecars)
 
 def _resolve_device(device: str) -> torch.device:
     try: d = torch.device(device)
@@ -653,7 +709,7 @@ def _check_output_dir(out_dir: Path) -> None:
 
 def predict_main(args: argparse.Namespace) -> int:
     "Run `amalgam predict` on parsed arguments (see `add_predict_parser`); bad input raises `AmalgamError` before any file is written."
-    if args.auto and not args.task: raise AmalgamError("--auto: needs --task NAME ('task:class', or a task with one class)")
+    if args.auto and not args.task: raise AmalgamError("--auto: needs --task NAME ('task:class', or a task for all its classes)")
     if args.task and not args.auto: raise AmalgamError("--task: only with --auto (to condition clicks on a class, put 'task' in the prompts file)")
     for flag, value in (("--batch-size", args.batch_size), ("--max-voxels", args.max_voxels)):
         if value < 1: raise AmalgamError(f"{flag} {value}: must be at least 1")
@@ -668,9 +724,13 @@ def predict_main(args: argparse.Namespace) -> int:
                  else Segmenter.from_run(args.run, device, batch_size=args.batch_size))
     if args.save_weights and not segmenter.weight_names:
         raise AmalgamError(f"--save-weights: {args.model or args.run} is a baseline run without experts")
+    whole_task = bool(args.auto and len(segmenter.tasks.get(args.task, [])) > 1)  # every class into one label map
+    if whole_task and args.save_weights:
+        raise AmalgamError(f"--save-weights: weight maps are per class; give --task {args.task}:CLASS "
+                           f"(classes: {segmenter.tasks[args.task]})")
     where = {p: "--task" if args.auto else f"{args.prompts} ({p.name})" for p in inputs}
     for p in inputs:
-        if prompts[p].get("task") is not None:
+        if prompts[p].get("task") is not None and not whole_task:
             try: segmenter.check_task(prompts[p]["task"])
             except AmalgamError as e: raise AmalgamError(f"{where[p]}: {e}") from None
     load = lambda p: load_nifti(p, segmenter.data_config, segmenter.model.foundation.in_channels, prompts[p].get("task"), args.max_voxels)
@@ -679,6 +739,10 @@ def predict_main(args: argparse.Namespace) -> int:
         if not args.auto: case_prompts(prompts[p], where[p], case)
     for p in tqdm(inputs, desc="amalgam predict", unit="case", disable=None):
         case = load(p)
+        if whole_task:
+            seg = segmenter.segment_task(case.volume, args.task)
+            for f in _write_task_case(out_dir, case, args.task, seg, args.save_probabilities): print(f)
+            continue
         kwargs = {"task": args.task} if args.auto else case_prompts(prompts[p], where[p], case)
         result = segmenter.segment(case.volume, **kwargs, return_probability=True, return_weights=args.save_weights)
         for f in _write_case(out_dir, case, result, args.save_probabilities): print(f)
@@ -699,8 +763,10 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--prompts", help="JSON file of clicks/boxes (schema above)")
     how.add_argument("--auto", action="store_true", help="automatic mode: segment --task without clicks or boxes")
-    p.add_argument("--task", help="'task:class' (or a task with one class) for --auto")
-    p.add_argument("--save-probabilities", action="store_true", help="also write <name>_probability.nii.gz")
+    p.add_argument("--task", help="for --auto: 'task:class' (one mask), or a task (one label map of all its classes, "
+                                   "with the task's label values)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <name>_probability.nii.gz (a whole task: <name>_probabilities.nii.gz, 4D, + .json)")
     p.add_argument("--save-weights", action="store_true", help="also write <name>_weights_<expert>.nii.gz amalgamation weight maps")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=16, help="sliding windows per forward pass")

@@ -1,6 +1,7 @@
 """`amalgam predict`: NIfTI geometry round trip, orientation, voxel vs world prompts, 2D/3D runs, resampling, and bad
 input (exit code 2, one line on stderr naming the file, no output written)."""
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -114,6 +115,35 @@ def test_2d_run_automatic_mode_with_resampling(tmp_path, run2d):
     prob = nib.load(tmp_path / "o" / "c_probability.nii.gz").get_fdata()
     assert (prob.reshape(-1, 3).max(0) > 0).all()  # automatic mode runs on every slice
 
+
+
+def test_whole_task_writes_one_label_map_with_the_tasks_label_values(tmp_path):
+    "--auto --task TASK (several classes): one label map with the run's label values, equal to the per-class answers."
+    run = make_run(tmp_path / "run", 2, (64, 64))
+    values = {"background": 0, "ball": 3, "cube": 7}  # not consecutive: the map must carry the task's own values
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["experts"][0]["labels"] = values
+    (run / "config.json").write_text(json.dumps(cfg))
+    dj = Path(cfg["experts"][0]["folder"]) / "dataset.json"
+    dj.write_text(json.dumps({**json.loads(dj.read_text()), "labels": values}))
+    src = write_nii(tmp_path / "c.nii.gz", volume((50, 45, 3), seed=3), np.diag([0.7, 0.7, 1.0, 1.0]))
+    out = tmp_path / "o"
+    assert predict_cli(["-r", str(run), "-i", str(src), "-o", str(out), "--auto", "--task", "demo",
+                        "--save-probabilities"]) == 0
+    labels = np.asarray(nib.load(out / "c.nii.gz").dataobj)
+    probs = nib.load(out / "c_probabilities.nii.gz").get_fdata()
+    assert labels.shape == (50, 45, 3) and probs.shape == (50, 45, 3, 2) and labels.dtype == np.uint8
+    assert json.loads((out / "c_probabilities.json").read_text()) == {
+        "task": "demo", "classes": ["ball", "cube"], "label_values": [3, 7], "axis": 3}
+    for i, cls in enumerate(("ball", "cube")):  # each channel is what the class alone gives
+        assert predict_cli(["-r", str(run), "-i", str(src), "-o", str(tmp_path / cls), "--auto", "--task",
+                            f"demo:{cls}", "--save-probabilities"]) == 0
+        np.testing.assert_allclose(probs[..., i], nib.load(tmp_path / cls / "c_probability.nii.gz").get_fdata(), atol=1e-6)
+    expected = np.where(probs.max(-1) > 0.5, np.array([3, 7])[probs.argmax(-1)], 0)
+    np.testing.assert_array_equal(labels, expected)
+    assert set(np.unique(labels)) <= {0, 3, 7} and (labels > 0).any(), np.unique(labels)
+    assert predict_cli(["-r", str(run), "-i", str(src), "-o", str(tmp_path / "w"), "--auto", "--task", "demo",
+                        "--save-weights"]) == 2 and not (tmp_path / "w").exists()  # weight maps are per class
 
 def _bad(tmp_path, run3d, run2d):
     "name -> (argv builder, expected text on stderr); each leaves tmp_path/out absent or empty."
