@@ -132,7 +132,7 @@ class SegmentationResult:
 
 @dataclass(eq=False)
 class TaskSegmentation:
-    "What `Segmenter.segment_task` returns: every class of one task in automatic mode, in the image's tensor axis order."
+    "What `Segmenter.segment_task` returns: every class of one task in automatic mode, in tensor axis order."
     labels: np.ndarray  # *spatial label map: each voxel the label value of its most probable class above 0.5, else 0
     probabilities: np.ndarray  # float32 K x *spatial, one map per class, in `classes` order
     classes: list[str]  # the task's class names (the model's vocabulary order)
@@ -236,7 +236,8 @@ class Segmenter:
         """The label values of `task`'s classes, in vocabulary order: the run's own (its experts' or manifests'), or
         1..K where the run does not record every one of them (a model built without a run folder)."""
         if task not in self.tasks:
-            raise AmalgamError(f"task {task!r}: not one of this model's tasks {list(self.tasks)}{did_you_mean(task, self.tasks)}")
+            raise AmalgamError(f"task {task!r}: not one of this model's tasks {list(self.tasks)}"
+                               f"{did_you_mean(task, self.tasks)}")
         known = [self.label_values.get(task, {}).get(c) for c in self.tasks[task]]
         return [int(v) for v in known] if None not in known else list(range(1, len(known) + 1))
 
@@ -245,8 +246,8 @@ class Segmenter:
         values (each voxel the most probable class whose probability exceeds 0.5, else 0) and per-class probabilities.
         Window encodings are cached, so the classes share one pass of the experts and the foundation."""
         values, classes = self.task_values(task), self.tasks[task]
-        probs = np.stack([self.segment(image, task=f"{task}:{c}", return_probability=True, progress=progress).probability
-                          for c in classes])
+        each = [self.segment(image, task=f"{task}:{c}", return_probability=True, progress=progress) for c in classes]
+        probs = np.stack([r.probability for r in each])
         return TaskSegmentation(label_map(probs, values), probs, list(classes), values)
 
     def check_task(self, task: str) -> int:
@@ -652,9 +653,10 @@ def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, 
     return out
 
 # %% ../nbs/12_infer.ipynb
-def _save_outputs(case: NiftiVolume, files: Mapping[Path, tuple], sidecars: Mapping[Path, Mapping] | None = None) -> list[Path]:
-    """Write `files` ({path: (array on the file's grid, dtype)}) as NIfTI with the input's affine and header, and the JSON
-    `sidecars`, each to a temporary name first, all renamed into place together."""
+def _save_outputs(case: NiftiVolume, files: Mapping[Path, tuple],
+                  sidecars: Mapping[Path, Mapping] | None = None) -> list[Path]:
+    """Write `files` ({path: (array on the file's grid, dtype)}) as NIfTI with the input's affine and header, and the
+    JSON `sidecars`, each to a temporary name first, all renamed into place together."""
     img = case.nifti
     with contextlib.ExitStack() as stack:
         for path, (array, dtype) in files.items():
@@ -678,7 +680,8 @@ def _write_case(out_dir: Path, case: NiftiVolume, result: SegmentationResult, sa
     for i, n in enumerate(names): files[out_dir / f"{name}_weights_{n}.nii.gz"] = (restored[1 + i], np.float32)
     return _save_outputs(case, files)
 
-def _write_task_case(out_dir: Path, case: NiftiVolume, task: str, seg: TaskSegmentation, save_probabilities: bool) -> list[Path]:
+def _write_task_case(out_dir: Path, case: NiftiVolume, task: str, seg: TaskSegmentation,
+                     save_probabilities: bool) -> list[Path]:
     """A whole task's label map on the input's grid (the classes' probabilities restored to the file's grid first, then
     the label map taken there, as for one class); with `save_probabilities`, a 4D NIfTI of the per-class probabilities
     (classes on the last axis) and a JSON naming its channels."""
@@ -709,7 +712,8 @@ def _check_output_dir(out_dir: Path) -> None:
 
 def predict_main(args: argparse.Namespace) -> int:
     "Run `amalgam predict` on parsed arguments (see `add_predict_parser`); bad input raises `AmalgamError` before any file is written."
-    if args.auto and not args.task: raise AmalgamError("--auto: needs --task NAME ('task:class', or a task for all its classes)")
+    if args.auto and not args.task:
+        raise AmalgamError("--auto: needs --task NAME ('task:class', or a task for all its classes)")
     if args.task and not args.auto: raise AmalgamError("--task: only with --auto (to condition clicks on a class, put 'task' in the prompts file)")
     for flag, value in (("--batch-size", args.batch_size), ("--max-voxels", args.max_voxels)):
         if value < 1: raise AmalgamError(f"{flag} {value}: must be at least 1")
