@@ -34,7 +34,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from .config import (AmalgamError, atomic_dir, atomic_write, load_weights, sha256_file, workspace, replace_dir,
+from .config import (AmalgamError, atomic_dir, atomic_write, load_weights, replace_dir, sha256_file, workspace,
                             write_json)
 from .manifests import Manifest, load_manifest, materialize
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, load_weights, remove_stale_temporaries, rng, seed_everything,
-                            sha256_file, write_json)
+from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, load_weights, remove_stale_temporaries,
+                            rng, seed_everything, sha256_file, write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
