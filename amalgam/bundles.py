@@ -52,15 +52,23 @@ def _expert_members(source: Mapping, run_dir: Path) -> dict[str, Path]:
     return {f"{base}/{p.relative_to(folder).as_posix()}": p for p in need + [p for p in optional if p.is_file()]}
 
 # %% ../nbs/11b_bundles.ipynb
+def _manifest_labels(ref: Mapping) -> tuple[str, dict[str, int]] | None:
+    """(task, labels) of a recorded training manifest, read only if its bytes are still those the run trained on
+    (the sha256 in `config.json`); None when it is gone, changed or unreadable."""
+    try:
+        if sha256_file(ref["path"]) != ref["sha256"]: return None
+        m = load_manifest(ref["path"])
+    except (AmalgamError, OSError, KeyError, TypeError): return None
+    return m.task, {k: int(v) for k, v in m.labels.items()}
+
 def class_label_values(cfg: Mapping) -> dict[str, dict[str, int | None]]:
-    """Task -> class -> label value of a run's config: from the task's expert, else from its training manifest when it
-    can be read, else None (a value the run cannot vouch for is left out rather than guessed)."""
+    """Task -> class -> label value of a run's config: from the task's expert, else from its training manifest if
+    that file is unchanged since training, else None (a value the run cannot vouch for is left out, not guessed).
+    Manifests are read only when some task has no expert."""
     values: dict[str, dict[str, int]] = {s["task"]: dict(s.get("labels") or {})
                                          for s in cfg["experts"] if s.get("task")}
-    for ref in cfg["manifests"]:
-        try: m = load_manifest(ref["path"])
-        except (AmalgamError, OSError, KeyError, TypeError): continue
-        values.setdefault(m.task, {k: int(v) for k, v in m.labels.items()})
+    if any(t not in values for t in cfg["model"]["tasks"]):
+        for task, labels in filter(None, map(_manifest_labels, cfg["manifests"])): values.setdefault(task, labels)
     return {t: {c: values.get(t, {}).get(c) for c in classes} for t, classes in cfg["model"]["tasks"].items()}
 
 def _evaluation_headline(evaluation: Path, run_dir: Path) -> dict:
