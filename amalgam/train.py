@@ -35,9 +35,9 @@ from .prompts import LayerNormChannels, Prompts
 # %% auto 0
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
            'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'multimask_for', 'best_mask',
-           'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'train_step', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff', 'read_run_config', 'train', 'expert_folder',
-           'load_run']
+           'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'mask_teacher_targets',
+           'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff',
+           'read_run_config', 'train', 'expert_folder', 'load_run']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -227,6 +227,8 @@ class StepContext:
     volume_stats: dict[str, Tensor] | None = None  # expert -> N_cases x C x 2 whole-case normalisation statistics
     teachers: ExpertBank | None = None  # the experts that distil, when not the amalgamated ones (the experts_k ablation)
     teacher_stats: dict[str, Tensor] | None = None  # `volume_stats` of `teachers`
+    teacher_model: KA2ER | None = None  # a trained KA²ER that distils into an expert-free student (`amalgam.student`)
+    teacher_model_stats: dict[str, Tensor] | None = None  # `volume_stats` of the teacher model's experts
 
 def own_expert(tasks: Sequence[str], model: KA2ER) -> Tensor:
     """Per element the channel of its own task's expert in `model`'s expert weights (-1: its expert is not amalgamated,
@@ -271,6 +273,20 @@ def _corrective_prompts(s: StepContext, batch: Batch, prompts: Prompts, feats, s
         prompts = add_click(prompts, clicks, low_res)
     return prompts
 
+def mask_teacher_targets(teacher: KA2ER, image: Tensor, prompts: Prompts, multimask: bool,
+                         stats: Mapping[str, Tensor] | None, temperature: float,
+                         confidence: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """Distillation targets from a trained KA²ER in place of the experts (a student's teacher): per element the
+    softened probability of the teacher's best mask for the same prompts, `B x 1 x *patch`, and the voxels to distil,
+    where its probability (T = 1) is at least `confidence` either way (None when `confidence` is 0). A sigmoid mask
+    is a two-class softmax over (0, logit), so the experts' `teacher_probability` and `teacher_confidence` serve."""
+    with torch.no_grad():
+        out = teacher(image, prompts, multimask_output=multimask, expert_stats=stats)
+    z = best_mask(out.masks.float(), out.iou.float())
+    two = torch.cat([torch.zeros_like(z), z], 1)
+    weight = teacher_confidence(two, confidence) if confidence > 0 else None
+    return teacher_probability(two, [1] * len(z), temperature), weight
+
 def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     "Forward and backward of one batch on this rank (gradients are left in `.grad`); returns the detached loss terms."
     feats, logits = None, {}
@@ -287,6 +303,12 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
                                                            c.kd_confidence)
     prompts = batch.prompts.to(s.dist.device)
     if batch.mode == "points" and s.config.corrective_clicks: prompts = _corrective_prompts(s, batch, prompts, feats, step)
+    if s.teacher_model is not None and c.kd_weight > 0:  # a student: its teacher answers the final prompts
+        with autocast(s.config, s.dist.device):
+            teacher, teacher_weight = mask_teacher_targets(
+                s.teacher_model, batch.image, prompts, _multimask(prompts, s.dist),
+                case_stats(s.teacher_model_stats, batch.case_index), c.kd_temperature, c.kd_confidence)
+        has_teacher = torch.ones(len(batch.task), dtype=torch.bool)
     with autocast(s.config, s.dist.device):
         out = s.model(batch.image, prompts, multimask_output=_multimask(prompts, s.dist), expert_features=feats)
     own = own_expert(batch.task, s.module)
@@ -410,6 +432,15 @@ def _check_setup(model_config: KA2ERConfig, data_config: DataConfig, labels: Map
             raise AmalgamError(f"expert {e.name!r} has {e.num_classes} output channels but task {e.task!r} has label values up to "
                                f"{max(labels[e.task].values())} ({labels[e.task]}); it cannot teach that task")
 
+def _init_from_teacher(module: KA2ER, teacher: KA2ER, source: Mapping, ctx: DistContext) -> None:
+    "A student's first weights: every tensor of it from its teacher (all must be there, in shape); says what it took."
+    own, given = module.state_dict(), teacher.state_dict()
+    load_state(module, {k: v for k, v in given.items() if k in own}, source.get("model", "teacher model"))
+    if ctx.is_main:
+        left = sorted({k.split(".")[0] for k in given if k not in own})
+        print(f"student initialised from its teacher: all {len(own)} tensors of {sorted({k.split('.')[0] for k in own})}"
+              f"; left out the teacher's {len(given) - len(own)} of {left}")
+
 def _build(model_config: KA2ERConfig, experts: ExpertBank | None, ctx: DistContext) -> tuple[KA2ER, nn.Module]:
     model = build_model(model_config, experts).to(ctx.device).train()
     if experts is not None: experts.to(ctx.device)
@@ -422,20 +453,28 @@ def _build(model_config: KA2ERConfig, experts: ExpertBank | None, ctx: DistConte
 def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.PathLike], model_config: KA2ERConfig, data_config: DataConfig,
           train_config: TrainConfig, loss_config: LossConfig, experts: ExpertBank | None, expert_sources: list[dict] | None = None,
           resume: bool = True, progress: bool = True, root: str | os.PathLike | None = None,
-          teachers: ExpertBank | None = None, teacher_sources: list[dict] | None = None) -> dict:
+          teachers: ExpertBank | None = None, teacher_sources: list[dict] | None = None,
+          teacher_model: KA2ER | None = None, teacher_source: Mapping | None = None) -> dict:
     """Train KA²ER (or the baseline, `experts=None`) into `run_dir` and return a summary (final step, last losses, seconds).
 
     `resume=True` continues from `run_dir/checkpoints/last.pt` when it exists (the configs must match the saved `config.json`);
     `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model. `root`: the nnUNet_raw folder
     of the materialised manifests (default `$nnUNet_raw`). `teachers`: the experts that distil, when they are not `experts`
     (the `experts_k` ablation amalgamates fewer experts but keeps every task's teacher, so that only the features differ).
+    `teacher_model`: a trained KA²ER that distils its masks into this expert-free model (`experts=None`), which starts
+    from the teacher's foundation, prompt encoder and decoder weights; `teacher_source` (where it came from) is
+    recorded in `config.json` as `teacher_run` (see `amalgam.student.distill`).
     Under torchrun every rank calls `train` with the same arguments."""
     run_dir, t0 = Path(run_dir), time.perf_counter()
+    if teacher_model is not None and (experts is not None or teachers is not None or teacher_source is None):
+        raise AmalgamError("train: a teacher_model distils into an expert-free student: pass experts=None, "
+                           "teachers=None and the teacher_source to record")
     ctx = distributed_context(train_config.device)
     manifests = [m if isinstance(m, Manifest) else load_manifest(m) for m in manifests]
     config = {"model": model_config.to_dict(), "data": data_config.to_dict(), "train": train_config.to_dict(), "loss": loss_config.to_dict(),
               "experts": _expert_sources(experts, expert_sources), "manifests": _manifest_refs(manifests)}
     if teachers is not None: config["teachers"] = _expert_sources(teachers, teacher_sources)
+    if teacher_model is not None: config["teacher_run"] = dict(teacher_source)
     cfg_path, ckpt_path, metrics_path = run_dir / "config.json", run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
     if resume and cfg_path.is_file():
         diff = config_diff(read_run_config(run_dir), config)
@@ -457,6 +496,7 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     stream = BatchStream(dataset, data_config, tasks=model_config.tasks)  # auto-mode class indices in the model's vocabulary
     module, model = _build(model_config, experts, ctx)
     optimizer, scheduler = build_optimizer(module, train_config)
+    if teacher_model is not None and ckpt is None: _init_from_teacher(module, teacher_model, teacher_source, ctx)
     if ckpt is not None:
         load_state(module, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"]); set_rng_state(ckpt["rng"])
@@ -472,7 +512,10 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     experts_of = task_experts(teaching, dataset.tasks) if loss_config.kd_weight > 0 else {}
     s = StepContext(model, module, experts, experts_of, KA2ERLoss(loss_config), loss_config, train_config, ctx,
                     expert_volume_stats(experts, dataset), teachers,
-                    expert_volume_stats(teachers, dataset) if teachers is not None and experts_of else None)
+                    expert_volume_stats(teachers, dataset) if teachers is not None and experts_of else None,
+                    teacher_model=None if teacher_model is None else teacher_model.to(ctx.device).eval(),
+                    teacher_model_stats=None if teacher_model is None
+                    else expert_volume_stats(teacher_model.experts, dataset))
     bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps, disable=not (progress and ctx.is_main), desc=run_dir.name)
     window, n_window = 0.0, 0
     for step in bar:

@@ -36,8 +36,10 @@ def bench(tmp_path_factory):
 
 def _run(bench, notebook, name, recipe=None, **extra):
     out = bench["root"] / "reports" / name
-    params = {"manifests": bench["manifests"], "workspace": bench["workspace"], "recipe": {**TINY, **(recipe or {})}, **extra}
-    if notebook != "evaluate.ipynb": params["expert_folders"] = bench["expert_folders"]  # evaluate uses the run's own experts
+    params = {"manifests": bench["manifests"], "workspace": bench["workspace"], **extra}
+    if notebook != "distill.ipynb": params["recipe"] = {**TINY, **(recipe or {})}  # a student takes its teacher's
+    if notebook not in ("evaluate.ipynb", "distill.ipynb"):  # these use the run's own experts
+        params["expert_folders"] = bench["expert_folders"]
     run_notebook(NBS / notebook, out, params, overwrite=True)
     return json.loads((out / "metrics.json").read_text()), out
 
@@ -59,6 +61,11 @@ def test_train_evaluate_ablate_and_reproduce(bench):
     assert sum(1 for r in ev["records"] if (r["method"], r["mode"]) == ("ka2er", "auto")) == n_classes
     assert {c["b"] for c in ev["comparisons"]} >= {"expert auto", "baseline auto", "LiteMedSAM box@slices"}
     first = (bench["root"] / "reports" / "evaluate" / "metrics.json").read_bytes()
+
+    st, _ = _run(bench, "distill.ipynb", "distill", steps=2, modes=["auto"], n_boot=50, timing_cases=1)
+    assert [(r["task"], r["mode"]) for r in st["retention"]] == [("ct_abdomen", "auto"), ("mr_cardiac", "auto")]
+    assert {r["method"] for r in st["records"]} == {"teacher", "student"} and st["training"]["student"]["kd"] > 0
+    assert st["speed"]["speedup"] > 0 and len(st["speed"]["volumes"]) == 2
     first_train = (bench["root"] / "reports" / "train" / "metrics.json").read_bytes()
 
     ab, _ = _run(bench, "ablations.ipynb", "ablations", variants=["no_distillation", "no_routing_loss"], expert_counts=[1],
