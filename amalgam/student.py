@@ -17,12 +17,12 @@ from .model import KA2ERConfig
 from .train import TrainConfig, load_run, read_run_config, train
 
 # %% auto 0
-__all__ = ['distill']
+__all__ = ['run_manifests', 'distill']
 
 # %% ../nbs/11c_student.ipynb
-def _teacher_manifests(cfg: Mapping, run_dir: Path, manifests: Sequence[str | os.PathLike] | None) -> list[Manifest]:
-    """The teacher's training manifests: the files its `config.json` records (default) or `manifests`, which must be
-    the same files by sha256 wherever they now lie (a moved checkout)."""
+def run_manifests(cfg: Mapping, run_dir: Path, manifests: Sequence[str | os.PathLike] | None) -> list[Manifest]:
+    """A trained run's training manifests: the files its `config.json` (`cfg`) records (default) or `manifests`,
+    which must be the same files by sha256 wherever they now lie (a moved checkout)."""
     recorded = {r["sha256"]: r["path"] for r in cfg["manifests"]}
     paths = [Path(r["path"]) for r in cfg["manifests"]] if manifests is None else [Path(m) for m in manifests]
     gone = [str(p) for p in paths if not p.is_file()]
@@ -33,8 +33,8 @@ def _teacher_manifests(cfg: Mapping, run_dir: Path, manifests: Sequence[str | os
     changed = [str(p) for s, p in sums.items() if s not in recorded]
     missing = [recorded[s] for s in recorded if s not in sums]
     if changed or missing:
-        raise AmalgamError(f"{run_dir / 'config.json'}: the student must train on its teacher's manifests, byte for "
-                           f"byte; changed or foreign: {changed or 'none'}; not given: {missing or 'none'}")
+        raise AmalgamError(f"{run_dir / 'config.json'}: this needs the run's own training manifests, byte for byte; "
+                           f"changed or foreign: {changed or 'none'}; not given: {missing or 'none'}")
     return [load_manifest(p) for p in paths]
 
 def distill(teacher_run: str | os.PathLike, student_dir: str | os.PathLike,
@@ -61,11 +61,12 @@ def distill(teacher_run: str | os.PathLike, student_dir: str | os.PathLike,
     if loss_config.kd_weight <= 0:
         raise AmalgamError(f"kd_weight: {loss_config.kd_weight} distils nothing (that student is the joint "
                            "baseline); give kd_weight > 0 in loss_overrides (--kd-weight)")
-    found = _teacher_manifests(cfg, teacher_run, manifests)
+    found = run_manifests(cfg, teacher_run, manifests)
     weights = teacher_run / "model.pt"
     teacher = load_run(teacher_run, device=train_config.device)
     for p in teacher.parameters(): p.requires_grad_(False)
     source = {"run": str(teacher_run.resolve()), "model": str(weights.resolve()), "model_sha256": sha256_file(weights),
               "experts": [s["name"] for s in cfg["experts"]]}
     return train(student_dir, found, model_config, data_config, train_config, loss_config, experts=None, root=root,
-                 resume=resume, progress=progress, teacher_model=teacher, teacher_source=source)
+                 resume=resume, progress=progress, teacher_model=teacher, teacher_source=source,
+                 init_state=teacher.state_dict(), init_source=source)

@@ -432,14 +432,14 @@ def _check_setup(model_config: KA2ERConfig, data_config: DataConfig, labels: Map
             raise AmalgamError(f"expert {e.name!r} has {e.num_classes} output channels but task {e.task!r} has label values up to "
                                f"{max(labels[e.task].values())} ({labels[e.task]}); it cannot teach that task")
 
-def _init_from_teacher(module: KA2ER, teacher: KA2ER, source: Mapping, ctx: DistContext) -> None:
-    "A student's first weights: every tensor of it from its teacher (all must be there, in shape); says what it took."
-    own, given = module.state_dict(), teacher.state_dict()
-    load_state(module, {k: v for k, v in given.items() if k in own}, source.get("model", "teacher model"))
+def _init_weights(module: KA2ER, state: Mapping[str, Tensor], source: Mapping, ctx: DistContext) -> None:
+    "A new run's first weights: every tensor of `module` from `state` (all must be there, in shape); says what it took."
+    own = module.state_dict()
+    load_state(module, {k: v for k, v in state.items() if k in own}, source.get("model", "init_state"))
     if ctx.is_main:
-        left = sorted({k.split(".")[0] for k in given if k not in own})
-        print(f"student initialised from its teacher: all {len(own)} tensors of {sorted({k.split('.')[0] for k in own})}"
-              f"; left out the teacher's {len(given) - len(own)} of {left}")
+        left = sorted({k.split(".")[0] for k in state if k not in own})
+        print(f"initialised from {source.get('model', 'init_state')}: all {len(own)} tensors; "
+              f"left out {sum(k not in own for k in state)} of {left or 'none'}")
 
 def _build(model_config: KA2ERConfig, experts: ExpertBank | None, ctx: DistContext) -> tuple[KA2ER, nn.Module]:
     model = build_model(model_config, experts).to(ctx.device).train()
@@ -454,27 +454,33 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
           train_config: TrainConfig, loss_config: LossConfig, experts: ExpertBank | None, expert_sources: list[dict] | None = None,
           resume: bool = True, progress: bool = True, root: str | os.PathLike | None = None,
           teachers: ExpertBank | None = None, teacher_sources: list[dict] | None = None,
-          teacher_model: KA2ER | None = None, teacher_source: Mapping | None = None) -> dict:
+          teacher_model: KA2ER | None = None, teacher_source: Mapping | None = None,
+          init_state: Mapping[str, Tensor] | None = None, init_source: Mapping | None = None) -> dict:
     """Train KA²ER (or the baseline, `experts=None`) into `run_dir` and return a summary (final step, last losses, seconds).
 
     `resume=True` continues from `run_dir/checkpoints/last.pt` when it exists (the configs must match the saved `config.json`);
     `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model. `root`: the nnUNet_raw folder
     of the materialised manifests (default `$nnUNet_raw`). `teachers`: the experts that distil, when they are not `experts`
     (the `experts_k` ablation amalgamates fewer experts but keeps every task's teacher, so that only the features differ).
-    `teacher_model`: a trained KA²ER that distils its masks into this expert-free model (`experts=None`), which starts
-    from the teacher's foundation, prompt encoder and decoder weights; `teacher_source` (where it came from) is
-    recorded in `config.json` as `teacher_run` (see `amalgam.student.distill`).
+    `teacher_model`: a trained KA²ER that distils its masks into this expert-free model (`experts=None`);
+    `teacher_source` (where it came from) is recorded in `config.json` as `teacher_run` (see `amalgam.student`).
+    `init_state`: the weights a new run starts from instead of its initialisation (a teacher's, or a trained model
+    grown by one expert, see `amalgam.grow`); it must hold every tensor of the model, in shape, and what it holds
+    beyond them is left out and reported. `init_source` (where it came from) is recorded as `init`.
     Under torchrun every rank calls `train` with the same arguments."""
     run_dir, t0 = Path(run_dir), time.perf_counter()
     if teacher_model is not None and (experts is not None or teachers is not None or teacher_source is None):
         raise AmalgamError("train: a teacher_model distils into an expert-free student: pass experts=None, "
                            "teachers=None and the teacher_source to record")
+    if (init_state is None) != (init_source is None):
+        raise AmalgamError("train: init_state and init_source go together (the weights and where they came from)")
     ctx = distributed_context(train_config.device)
     manifests = [m if isinstance(m, Manifest) else load_manifest(m) for m in manifests]
     config = {"model": model_config.to_dict(), "data": data_config.to_dict(), "train": train_config.to_dict(), "loss": loss_config.to_dict(),
               "experts": _expert_sources(experts, expert_sources), "manifests": _manifest_refs(manifests)}
     if teachers is not None: config["teachers"] = _expert_sources(teachers, teacher_sources)
     if teacher_model is not None: config["teacher_run"] = dict(teacher_source)
+    if init_state is not None: config["init"] = dict(init_source)
     cfg_path, ckpt_path, metrics_path = run_dir / "config.json", run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
     if resume and cfg_path.is_file():
         diff = config_diff(read_run_config(run_dir), config)
@@ -496,7 +502,7 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     stream = BatchStream(dataset, data_config, tasks=model_config.tasks)  # auto-mode class indices in the model's vocabulary
     module, model = _build(model_config, experts, ctx)
     optimizer, scheduler = build_optimizer(module, train_config)
-    if teacher_model is not None and ckpt is None: _init_from_teacher(module, teacher_model, teacher_source, ctx)
+    if init_state is not None and ckpt is None: _init_weights(module, init_state, init_source, ctx)
     if ckpt is not None:
         load_state(module, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"]); set_rng_state(ckpt["rng"])

@@ -74,6 +74,13 @@ def test_train_evaluate_ablate_and_reproduce(bench):
     assert ab["variants"] == ["ka2er", "no_distillation", "experts_k1"]
     assert {r["method"] for r in ab["records"]} == set(ab["variants"])
 
+    grow, _ = _run(bench, "add_expert.ipynb", "add_expert", new_task="mr_cardiac", modes=["auto"],
+                   recipe={"ablation_steps": 2})  # reuses the ablations' 2-step reference as "from scratch"
+    assert grow["old_tasks"] == ["ct_abdomen"] and [c["task"] for c in grow["new_task_vs_expert"]] == ["mr_cardiac"]
+    assert [c["task"] for c in grow["old_tasks_change"]] == ["ct_abdomen"]
+    assert grow["cost"]["grown"]["steps"] == 1 and grow["cost"]["grown_over_scratch"] > 0
+    assert {r["method"] for r in grow["records"]} == {"base", "grown", "scratch", "expert"}
+
     # same experts, everything trained and evaluated again from scratch: identical metrics.json
     ws = Path(bench["workspace"])
     shutil.rmtree(ws / "runs"); shutil.rmtree(ws / "pretrained")

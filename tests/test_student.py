@@ -17,7 +17,8 @@ from amalgam.model import KA2ERConfig
 from amalgam.phantoms import phantom_manifest
 from amalgam.train import TrainConfig, read_run_config, train
 
-SMALL = dict(spatial_dims=2, feature_size=12, hidden_dim=32, transformer_dim=32, iou_head_hidden_dim=32, mask_in_chans=8)
+SMALL = dict(spatial_dims=2, feature_size=12, hidden_dim=32, transformer_dim=32, iou_head_hidden_dim=32,
+             mask_in_chans=8)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def teacher(tmp_path_factory):
 def test_distilled_student_is_exported_and_predicts(tmp_path, teacher, capsys):
     run, raw = teacher
     student = tmp_path / "student"
-    assert main(["distill", str(run), str(student), "--steps", "2", "--kd-weight", "1.0", "--nnunet-raw", str(raw)]) == 0
+    argv = ["distill", str(run), str(student), "--steps", "2", "--kd-weight", "1.0", "--nnunet-raw", str(raw)]
+    assert main(argv) == 0
     assert "student of" in capsys.readouterr().out
     cfg = read_run_config(student)
     assert cfg["experts"] == [] and cfg["loss"]["kd_weight"] == 1.0 and cfg["train"]["steps"] == 2
@@ -49,7 +51,8 @@ def test_distilled_student_is_exported_and_predicts(tmp_path, teacher, capsys):
     card = json.loads(__import__("zipfile").ZipFile(tmp_path / "student.zip").read("model_card.json"))
     assert card["kind"] == "baseline (no experts)" and card["experts"] == []
     src = tmp_path / "c.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(-500, 300, (64, 64, 3)).astype(np.float32), np.eye(4)), src)
+    scan = np.random.default_rng(0).normal(-500, 300, (64, 64, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(scan, np.eye(4)), src)
     shutil.rmtree(student)  # the bundle alone
     assert main(["predict", "-m", str(tmp_path / "student.zip"), "-i", str(src), "-o", str(tmp_path / "out"),
                  "--auto", "--task", "ct_lung"]) == 0, capsys.readouterr().err
