@@ -182,6 +182,7 @@ def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recip
             e = Expert.from_folder(folder, fold=recipe.fold, labels=m.labels, name=m.task, device=recipe.device)
         experts.append(e)
         e.amp = expert_precision(recipe.expert_amp, recipe.device)
+        e.task = m.task  # a model trained elsewhere names its task by its nnU-Net dataset; it serves the manifest's
         sources.append({"name": m.task, "task": m.task, "folder": str(folder), "fold": recipe.fold, "labels": dict(m.labels), "amp": e.amp})
     return ExpertBank(experts), sources
 

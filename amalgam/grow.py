@@ -33,7 +33,7 @@ def grow_state(old: Mapping[str, Tensor], old_classes: Sequence[str], new: KA2ER
     class vocabulary `old_classes`): shared tensors copied, class-indexed ones (`CLASS_TENSORS`) copied row by row by
     class name, the rest left at `new`'s initialisation. Returns the state and what was done: the key names
     `copied`, `by_class` and `fresh` (kept at initialisation)."""
-    state, rows = new.state_dict(), {}
+    state = new.state_dict()
     lost = [c for c in old_classes if c not in new.class_names]
     unused = sorted(k for k in old if k not in state)
     if lost or unused:
@@ -57,13 +57,12 @@ def _new_expert(path: Path, fold: int | str, manifest, model_config: KA2ERConfig
     """The nnU-Net model at `path` (results folder or export zip) as the expert of `manifest`'s task, checked against
     the model."""
     load = Expert.from_zip if path.suffix == ".zip" else Expert.from_folder
-    e = load(path, fold=fold, labels=manifest.labels, name=manifest.task)
+    e = load(path, fold=fold, labels=manifest.labels, name=manifest.task)  # its labels must be the manifest's
     problems = [f"{what} {got}, the model's {want}" for what, got, want in (
         ("is", f"{e.spatial_dims}D", f"{model_config.spatial_dims}D"),
         ("takes input channels", e.in_channels, model_config.in_channels)) if got != want]
-    missing = sorted(c for c, v in manifest.labels.items() if v and e.labels.get(c) != v)
-    if missing: problems.append(f"has no label value for {missing} as {manifest.path} numbers them")
     if problems: raise AmalgamError(f"{path}: cannot join this KA²ER: it " + "; it ".join(problems))
+    e.task = manifest.task  # a plain nnU-Net model names its task by its dataset (Dataset123_X); it serves this one
     return e
 
 def add_expert(run_dir: str | os.PathLike, expert: str | os.PathLike, manifest: str | os.PathLike,

@@ -572,7 +572,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", exp
         if unknown: raise AmalgamError(f"{run_dir / 'config.json'}: experts {unknown} have no recorded nnU-Net folder/fold; pass experts= to load_run")
         experts = ExpertBank([Expert.from_folder(expert_folder(s, run_dir), fold=s["fold"], labels=s.get("labels"), name=s["name"])
                               for s in recorded])
-        for e, s in zip(experts, recorded): e.amp = s.get("amp", "auto")  # the precision the run trained them at
+        for e, s in zip(experts, recorded):  # the precision the run trained them at, the task they served in it
+            e.amp, e.task = s.get("amp", "auto"), s.get("task") or e.task
     if experts is not None and sorted(experts.names) != sorted(s["name"] for s in recorded):
         raise AmalgamError(f"{run_dir / 'config.json'}: the run was trained with experts {sorted(s['name'] for s in recorded)}, got {sorted(experts.names)}")
     model = build_model(model_config, experts)

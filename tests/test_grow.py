@@ -20,12 +20,13 @@ from test_student import SMALL  # the tiny model size both tests train
 TASKS = ("ct_abdomen", "ct_lung", "mr_brain", "mr_cardiac")
 
 
-def saved_expert(manifest, folder, seed=0, dims=2, in_channels=1):
-    "A random tiny nnU-Net expert for `manifest`'s task and labels, saved as nnU-Net saves a trained model."
+def saved_expert(manifest, folder, seed=0, dims=2, in_channels=1, plain=False):
+    """A random tiny nnU-Net expert for `manifest`'s task and labels, saved as nnU-Net saves a trained model; `plain`:
+    as plain `nnUNetv2_train` would (its dataset.json does not name an amalgam task)."""
     m = load_manifest(manifest)
     e = tiny_test_expert(dims, in_channels, num_classes=len(m.labels), name=m.task, seed=seed, modality=m.modality)
-    e = Expert(e.network, e.plans, {**e.dataset_json, "labels": m.labels, "amalgam_task": m.task}, e.configuration,
-               name=m.task)
+    dataset_json = {k: v for k, v in e.dataset_json.items() if not (plain and k == "amalgam_task")}
+    e = Expert(e.network, e.plans, {**dataset_json, "labels": m.labels}, e.configuration, name=m.task)
     return save_model_folder(e, folder)
 
 
@@ -46,10 +47,11 @@ def bench(tmp_path_factory):
 
 
 def test_fourth_expert_from_a_folder_and_from_an_nnunet_zip(bench, tmp_path, capsys):
+    plain = saved_expert(bench["manifest"], tmp_path / "plain", plain=True)
     zipped = tmp_path / "expert.zip"  # nnUNetv2_export_model_to_zip's layout: Dataset/Trainer__Plans__conf/...
     with zipfile.ZipFile(zipped, "w") as z:
-        for p in bench["expert"].rglob("*"):
-            if p.is_file(): z.write(p, f"Dataset504_X/nnUNetTrainer__nnUNetPlans__2d/{p.relative_to(bench['expert'])}")
+        for p in plain.rglob("*"):
+            if p.is_file(): z.write(p, f"Dataset504_X/nnUNetTrainer__nnUNetPlans__2d/{p.relative_to(plain)}")
     for name, expert in (("folder", bench["expert"]), ("zip", zipped)):
         out = tmp_path / f"grown_{name}"
         rc = main(["add-expert", str(bench["run"]), str(out), "--expert", str(expert), "--manifest",
@@ -58,7 +60,8 @@ def test_fourth_expert_from_a_folder_and_from_an_nnunet_zip(bench, tmp_path, cap
         cfg = read_run_config(out)
         assert sorted(s["name"] for s in cfg["experts"]) == sorted(TASKS) and "mr_cardiac" in cfg["model"]["tasks"]
         assert cfg["init"]["added_expert"] == "mr_cardiac" and cfg["init"]["fresh_tensors"] > 0
-        assert sorted(load_run(out).experts.names) == sorted(TASKS)
+        experts = load_run(out).experts  # the plain model serves the manifest's task, in training and after
+        assert sorted(experts.names) == sorted(TASKS) and experts["mr_cardiac"].task == "mr_cardiac"
     src = tmp_path / "c.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(300, 80, (64, 64, 2)).astype(np.float32), np.eye(4)), src)
     assert main(["predict", "-r", str(tmp_path / "grown_folder"), "-i", str(src), "-o", str(tmp_path / "o"),
