@@ -19,8 +19,7 @@ from .experts import Expert, ExpertBank
 from .losses import LossConfig
 from .manifests import load_manifest
 from .model import KA2ER, KA2ERConfig, build_model
-from .student import run_manifests
-from .train import TrainConfig, expert_folder, load_run, read_run_config, train
+from .train import TrainConfig, expert_folder, load_run, read_run_config, run_manifests, train
 
 # %% auto 0
 __all__ = ['CLASS_TENSORS', 'grow_state', 'add_expert']
@@ -84,7 +83,7 @@ def add_expert(run_dir: str | os.PathLike, expert: str | os.PathLike, manifest: 
     if m.task in cfg["model"]["tasks"]:
         raise AmalgamError(f"{manifest}: task {m.task!r} is already one of the run's tasks "
                            f"{sorted(cfg['model']['tasks'])}")
-    old_manifests = run_manifests(cfg, run_dir, manifests)
+    old_manifests = run_manifests(run_dir, manifests)
     model_config = KA2ERConfig.from_dict({**cfg["model"], "pretrained": None,
                                           "tasks": {**cfg["model"]["tasks"], **task_classes([m])}})
     new = _new_expert(expert, fold, m, model_config)

@@ -25,7 +25,7 @@ from .manifests import Manifest
 from .model import zscore
 
 # %% auto 0
-__all__ = ['random_patch_mask', 'MaskedInpainter', 'masked_l1', 'swinvit_checkpoint', 'pretrain_foundation']
+__all__ = ['random_patch_mask', 'MaskedInpainter', 'masked_l1', 'swinvit_checkpoint', 'warmup_decay', 'pretrain_foundation']
 
 # %% ../nbs/10_pretrain.ipynb
 def random_patch_mask(batch: int, spatial: Sequence[int], mask_patch: int, mask_ratio: float, generator: np.random.Generator) -> Tensor:
@@ -83,11 +83,14 @@ def swinvit_checkpoint(foundation: Foundation) -> dict:
                            for k, v in foundation.swinViT.state_dict().items()}}
 
 # %% ../nbs/10_pretrain.ipynb
-def _lr_factor(step: int, steps: int, warmup: int, min_ratio: float = 0.01) -> float:
-    "Linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."
+def warmup_decay(step: int, steps: int, warmup: int, min_ratio: float = 0.01, schedule: str = "cosine",
+                 poly_power: float = 0.9) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based) of `steps`: linear warm-up over `warmup` steps,
+    then cosine (or `"poly"`) decay that reaches `min_ratio` at the last step. Pretraining and `amalgam.train` share it."""
     if step < warmup: return (step + 1) / warmup
-    t = (step - warmup) / max(steps - warmup, 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else (1 - progress) ** poly_power
+    return min_ratio + (1 - min_ratio) * decay
 
 def pretrain_foundation(out_path: str | os.PathLike,
                         manifests: Sequence[Manifest | str | os.PathLike],  # every task's manifest (their train splits are used)
@@ -126,7 +129,7 @@ def pretrain_foundation(out_path: str | os.PathLike,
     net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, steps, warmup))
     losses, lrs, start = [], [], time.perf_counter()
     bar = range(steps)
     if progress:

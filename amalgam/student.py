@@ -12,31 +12,13 @@ from typing import Mapping, Sequence
 from .config import AmalgamError, sha256_file
 from .data import DataConfig
 from .losses import LossConfig
-from .manifests import Manifest, load_manifest
 from .model import KA2ERConfig
-from .train import TrainConfig, load_run, read_run_config, train
+from .train import TrainConfig, load_run, read_run_config, run_manifests, train
 
 # %% auto 0
-__all__ = ['run_manifests', 'distill']
+__all__ = ['distill']
 
 # %% ../nbs/11c_student.ipynb
-def run_manifests(cfg: Mapping, run_dir: Path, manifests: Sequence[str | os.PathLike] | None) -> list[Manifest]:
-    """A trained run's training manifests: the files its `config.json` (`cfg`) records (default) or `manifests`,
-    which must be the same files by sha256 wherever they now lie (a moved checkout)."""
-    recorded = {r["sha256"]: r["path"] for r in cfg["manifests"]}
-    paths = [Path(r["path"]) for r in cfg["manifests"]] if manifests is None else [Path(m) for m in manifests]
-    gone = [str(p) for p in paths if not p.is_file()]
-    if gone:
-        raise AmalgamError(f"{run_dir / 'config.json'}: training manifest(s) {gone} not found; pass manifests= "
-                           "(--manifests) with the same files where they now lie")
-    sums = {sha256_file(p): p for p in paths}
-    changed = [str(p) for s, p in sums.items() if s not in recorded]
-    missing = [recorded[s] for s in recorded if s not in sums]
-    if changed or missing:
-        raise AmalgamError(f"{run_dir / 'config.json'}: this needs the run's own training manifests, byte for byte; "
-                           f"changed or foreign: {changed or 'none'}; not given: {missing or 'none'}")
-    return [load_manifest(p) for p in paths]
-
 def distill(teacher_run: str | os.PathLike, student_dir: str | os.PathLike,
             manifests: Sequence[str | os.PathLike] | None = None, root: str | os.PathLike | None = None,
             train_overrides: Mapping | None = None, loss_overrides: Mapping | None = None,
@@ -61,12 +43,10 @@ def distill(teacher_run: str | os.PathLike, student_dir: str | os.PathLike,
     if loss_config.kd_weight <= 0:
         raise AmalgamError(f"kd_weight: {loss_config.kd_weight} distils nothing (that student is the joint "
                            "baseline); give kd_weight > 0 in loss_overrides (--kd-weight)")
-    found = run_manifests(cfg, teacher_run, manifests)
+    found = run_manifests(teacher_run, manifests)
     weights = teacher_run / "model.pt"
     teacher = load_run(teacher_run, device=train_config.device)
-    for p in teacher.parameters(): p.requires_grad_(False)
     source = {"run": str(teacher_run.resolve()), "model": str(weights.resolve()), "model_sha256": sha256_file(weights),
               "experts": [s["name"] for s in cfg["experts"]]}
     return train(student_dir, found, model_config, data_config, train_config, loss_config, experts=None, root=root,
-                 resume=resume, progress=progress, teacher_model=teacher, teacher_source=source,
-                 init_state=teacher.state_dict(), init_source=source)
+                 resume=resume, progress=progress, teacher_model=teacher, teacher_source=source)

@@ -30,6 +30,7 @@ from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
 from .manifests import Manifest, load_manifest
 from .model import KA2ER, KA2ERConfig, build_model
+from .pretrain import warmup_decay
 from .prompts import LayerNormChannels, Prompts
 
 # %% auto 0
@@ -37,7 +38,7 @@ __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'D
            'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'multimask_for', 'best_mask',
            'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'mask_teacher_targets',
            'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff',
-           'read_run_config', 'train', 'expert_folder', 'load_run']
+           'read_run_config', 'run_manifests', 'read_metrics', 'train', 'expert_folder', 'load_run']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -84,10 +85,7 @@ class TrainConfig(DictConfig):
 def lr_factor(step: int, config: TrainConfig) -> float:
     "Multiplier of `config.lr` at optimizer step `step` (0-based): linear warm-up, then cosine or poly decay to `min_lr_ratio`."
     c = config
-    if step < c.warmup_steps: return (step + 1) / c.warmup_steps
-    progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - 1 - c.warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if c.schedule == "cosine" else (1 - progress) ** c.poly_power
-    return c.min_lr_ratio + (1 - c.min_lr_ratio) * decay
+    return warmup_decay(step, c.steps, c.warmup_steps, c.min_lr_ratio, c.schedule, c.poly_power)
 
 # %% ../nbs/11_train.ipynb
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm, LayerNormChannels)
@@ -303,14 +301,15 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
                                                            c.kd_confidence)
     prompts = batch.prompts.to(s.dist.device)
     if batch.mode == "points" and s.config.corrective_clicks: prompts = _corrective_prompts(s, batch, prompts, feats, step)
+    multimask = _multimask(prompts, s.dist)  # one collective under DDP, for the teacher and the model alike
     if s.teacher_model is not None and c.kd_weight > 0:  # a student: its teacher answers the final prompts
         with autocast(s.config, s.dist.device):
             teacher, teacher_weight = mask_teacher_targets(
-                s.teacher_model, batch.image, prompts, _multimask(prompts, s.dist),
+                s.teacher_model, batch.image, prompts, multimask,
                 case_stats(s.teacher_model_stats, batch.case_index), c.kd_temperature, c.kd_confidence)
         has_teacher = torch.ones(len(batch.task), dtype=torch.bool)
     with autocast(s.config, s.dist.device):
-        out = s.model(batch.image, prompts, multimask_output=_multimask(prompts, s.dist), expert_features=feats)
+        out = s.model(batch.image, prompts, multimask_output=multimask, expert_features=feats)
     own = own_expert(batch.task, s.module)
     terms = s.loss(out.masks.float(), out.iou.float(), batch.target, teacher,
                    None if teacher is None else has_teacher.to(batch.target.device), teacher_weight,
@@ -390,9 +389,18 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
         else: out[f"{prefix}{k}"] = v
     return out
 
+def _comparable(cfg: Mapping) -> dict:
+    "A run config as `config_diff` compares it: the training manifests as the set of their sha256s."
+    cfg = json.loads(json.dumps(cfg))
+    if isinstance(cfg.get("manifests"), list):
+        cfg["manifests"] = sorted(r.get("sha256") for r in cfg["manifests"] if isinstance(r, Mapping))
+    return cfg
+
 def config_diff(old: Mapping, new: Mapping) -> list[str]:
-    "Dotted keys whose values differ between two run configs (ignoring settings that may change on resume: device, log/checkpoint intervals)."
-    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    """Dotted keys whose values differ between two run configs. Settings that may change on resume (device,
+    log/checkpoint intervals) are ignored, and the training manifests are compared by content: the same files, by
+    sha256, in any order and wherever they now lie (a moved checkout)."""
+    a, b = _flat(_comparable(old)), _flat(_comparable(new))
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in _VOLATILE)
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -407,11 +415,59 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         cls.from_dict(cfg[key], f"{path}: {key}")
     return cfg
 
+def run_manifests(run_dir: str | os.PathLike, manifests: Sequence[str | os.PathLike] | None = None) -> list[Manifest]:
+    """A trained run's training manifests: the files its `config.json` records (default) or `manifests`, which must
+    be the same files by sha256 wherever they now lie (a moved checkout)."""
+    where = Path(run_dir) / "config.json"
+    recorded = {r["sha256"]: r["path"] for r in read_run_config(run_dir)["manifests"]}
+    paths = [Path(p) for p in recorded.values()] if manifests is None else [Path(m) for m in manifests]
+    gone = [str(p) for p in paths if not p.is_file()]
+    if gone:
+        raise AmalgamError(f"{where}: training manifest(s) {gone} not found; pass manifests= (--manifests) with the "
+                           "same files where they now lie")
+    sums = {sha256_file(p): p for p in paths}
+    changed = [str(p) for s, p in sums.items() if s not in recorded]
+    missing = [recorded[s] for s in recorded if s not in sums]
+    if changed or missing:
+        raise AmalgamError(f"{where}: this needs the run's own training manifests, byte for byte; "
+                           f"changed or foreign: {changed or 'none'}; not given: {missing or 'none'}")
+    return [load_manifest(p) for p in paths]
+
+def _origin(cfg: Mapping) -> str:
+    "What a run was started from, in words: its teacher (a student), the weights it was initialised from, or nothing."
+    if cfg.get("teacher_run"): return f"a student of {cfg['teacher_run'].get('run')}"
+    if cfg.get("init"): return f"a run initialised from {cfg['init'].get('model')}"
+    return "a run trained from its initialisation"
+
+def _check_run_folder(run_dir: Path, config: Mapping, resume: bool) -> None:
+    """`train` writes into a new or empty folder, or a run folder it may continue (`resume`, same configs) or start
+    over (`resume=False`, same origin). Anything else is someone's files, which it must not replace."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise AmalgamError(f"{run_dir}: exists and is not a training run folder (no config.json); "
+                               "give a new or empty folder")
+        return
+    old = read_run_config(run_dir)
+    diff = config_diff(old, config) if resume else []
+    if diff:
+        raise AmalgamError(f"{cfg_path}: the run was made with a different configuration; differing keys: {diff}. "
+                           "Use the same settings to resume, or resume=False / a new run folder to start over")
+    if not resume and _origin(old) != _origin(config):
+        raise AmalgamError(f"{cfg_path}: holds {_origin(old)}; starting over would replace it with "
+                           f"{_origin(config)}; give a new folder")
+
 # %% ../nbs/11_train.ipynb
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file(): return
     keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
     atomic_write(path, "".join(l + "\n" for l in keep))
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    "The records of a run's `metrics.jsonl`, one per logged step (loss terms, lr, grad norm, mean step seconds)."
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file(): raise AmalgamError(f"{path}: not found; has the run started?")
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 def _append_metrics(path: Path, record: Mapping) -> None:
     with open(path, "a") as f:
@@ -459,19 +515,22 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     """Train KA²ER (or the baseline, `experts=None`) into `run_dir` and return a summary (final step, last losses, seconds).
 
     `resume=True` continues from `run_dir/checkpoints/last.pt` when it exists (the configs must match the saved `config.json`);
-    `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model. `root`: the nnUNet_raw folder
+    `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model, if it is a run of the
+    same origin (trained from its initialisation, a student of the same teacher, or initialised from the same weights).
+    `run_dir` must otherwise be new or empty: a folder of other files is refused, never written into. `root`: the nnUNet_raw folder
     of the materialised manifests (default `$nnUNet_raw`). `teachers`: the experts that distil, when they are not `experts`
     (the `experts_k` ablation amalgamates fewer experts but keeps every task's teacher, so that only the features differ).
-    `teacher_model`: a trained KA²ER that distils its masks into this expert-free model (`experts=None`);
-    `teacher_source` (where it came from) is recorded in `config.json` as `teacher_run` (see `amalgam.student`).
-    `init_state`: the weights a new run starts from instead of its initialisation (a teacher's, or a trained model
-    grown by one expert, see `amalgam.grow`); it must hold every tensor of the model, in shape, and what it holds
-    beyond them is left out and reported. `init_source` (where it came from) is recorded as `init`.
+    `teacher_model`: a trained KA²ER that distils its masks into this expert-free model (`experts=None`), which starts
+    from the teacher's weights; `teacher_source` (where it came from) is recorded in `config.json` as `teacher_run`
+    (see `amalgam.student`). `init_state`: the weights any other new run starts from instead of its initialisation
+    (a trained model grown by one expert, see `amalgam.grow`); `init_source` (where it came from) is recorded as
+    `init`. Either must hold every tensor of the model, in shape; what it holds beyond them is left out and reported.
     Under torchrun every rank calls `train` with the same arguments."""
     run_dir, t0 = Path(run_dir), time.perf_counter()
-    if teacher_model is not None and (experts is not None or teachers is not None or teacher_source is None):
-        raise AmalgamError("train: a teacher_model distils into an expert-free student: pass experts=None, "
-                           "teachers=None and the teacher_source to record")
+    if teacher_model is not None and (experts is not None or teachers is not None or teacher_source is None
+                                      or init_state is not None):
+        raise AmalgamError("train: a teacher_model distils into an expert-free student that starts from its weights: "
+                           "pass experts=None, teachers=None, no init_state, and the teacher_source to record")
     if (init_state is None) != (init_source is None):
         raise AmalgamError("train: init_state and init_source go together (the weights and where they came from)")
     ctx = distributed_context(train_config.device)
@@ -482,10 +541,7 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     if teacher_model is not None: config["teacher_run"] = dict(teacher_source)
     if init_state is not None: config["init"] = dict(init_source)
     cfg_path, ckpt_path, metrics_path = run_dir / "config.json", run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
-    if resume and cfg_path.is_file():
-        diff = config_diff(read_run_config(run_dir), config)
-        if diff: raise AmalgamError(f"{cfg_path}: the run was made with a different configuration; differing keys: {diff}. "
-                                    "Use the same settings to resume, or resume=False / a new run folder to start over")
+    _check_run_folder(run_dir, config, resume)
     if ctx.is_main:  # a write killed mid-way (kill -9) left its temporary: up to a checkpoint's size, never read again
         stale = [*remove_stale_temporaries(ckpt_path.parent, ["last.pt"]),
                  *remove_stale_temporaries(run_dir, ["model.pt", "config.json", "metrics.jsonl"])]
@@ -502,6 +558,7 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     stream = BatchStream(dataset, data_config, tasks=model_config.tasks)  # auto-mode class indices in the model's vocabulary
     module, model = _build(model_config, experts, ctx)
     optimizer, scheduler = build_optimizer(module, train_config)
+    if teacher_model is not None and ckpt is None: _init_weights(module, teacher_model.state_dict(), teacher_source, ctx)
     if init_state is not None and ckpt is None: _init_weights(module, init_state, init_source, ctx)
     if ckpt is not None:
         load_state(module, ckpt["model"], ckpt_path)

@@ -8,42 +8,20 @@ import numpy as np
 import pytest
 
 from amalgam.cli import main
-from amalgam.data import DataConfig, task_classes
-from amalgam.experts import Expert, ExpertBank, save_model_folder, tiny_test_expert
-from amalgam.losses import LossConfig
-from amalgam.manifests import load_manifest, materialize, write_manifest
-from amalgam.model import KA2ERConfig
-from amalgam.phantoms import phantom_manifest
-from amalgam.train import TrainConfig, load_run, read_run_config, train
-from test_student import SMALL  # the tiny model size both tests train
+from amalgam.manifests import load_manifest
+from amalgam.train import load_run, read_run_config
+from tiny_runs import saved_expert, tiny_ka2er_run
 
 TASKS = ("ct_abdomen", "ct_lung", "mr_brain", "mr_cardiac")
-
-
-def saved_expert(manifest, folder, seed=0, dims=2, in_channels=1, plain=False):
-    """A random tiny nnU-Net expert for `manifest`'s task and labels, saved as nnU-Net saves a trained model; `plain`:
-    as plain `nnUNetv2_train` would (its dataset.json does not name an amalgam task)."""
-    m = load_manifest(manifest)
-    e = tiny_test_expert(dims, in_channels, num_classes=len(m.labels), name=m.task, seed=seed, modality=m.modality)
-    dataset_json = {k: v for k, v in e.dataset_json.items() if not (plain and k == "amalgam_task")}
-    e = Expert(e.network, e.plans, {**dataset_json, "labels": m.labels}, e.configuration, name=m.task)
-    return save_model_folder(e, folder)
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     "KA2ER trained for 2 steps on the first three tasks; the fourth task's manifest and expert folder."
     tmp = tmp_path_factory.mktemp("grow")
-    manifests = [write_manifest(phantom_manifest(t, n_cases=3, shape=(64, 64, 24)), tmp / f"{t}.yaml") for t in TASKS]
-    for m in manifests: materialize(m, nnunet_raw=tmp / "raw", cache_dir=tmp / "cache")
-    folders = [saved_expert(m, tmp / "experts" / t, seed=i) for i, (m, t) in enumerate(zip(manifests, TASKS))]
-    bank = ExpertBank([Expert.from_folder(f, fold=0, name=t) for f, t in zip(folders[:3], TASKS)])
-    train(tmp / "run", manifests[:3], KA2ERConfig(**SMALL, tasks=task_classes(manifests[:3])),
-          DataConfig(spatial_dims=2, patch_size=(64, 64), batch_size=2), TrainConfig(steps=2, warmup_steps=1),
-          LossConfig(), bank, root=tmp / "raw", progress=False,
-          expert_sources=[{"name": e.name, "task": e.task, "folder": str(f), "fold": 0, "labels": dict(e.labels)}
-                          for e, f in zip(bank, folders)])
-    return {"tmp": tmp, "run": tmp / "run", "manifest": manifests[3], "expert": folders[3], "raw": tmp / "raw"}
+    run = tiny_ka2er_run(tmp, TASKS, trained=3)
+    return {"tmp": tmp, "run": run["run"], "manifest": run["manifests"][3], "expert": run["experts"][3],
+            "raw": run["raw"]}
 
 
 def test_fourth_expert_from_a_folder_and_from_an_nnunet_zip(bench, tmp_path, capsys):

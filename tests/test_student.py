@@ -9,32 +9,17 @@ import pytest
 
 from amalgam.cli import main
 from amalgam.config import sha256_file
-from amalgam.data import DataConfig, task_classes
-from amalgam.experts import Expert, ExpertBank, save_model_folder, tiny_test_expert
-from amalgam.losses import LossConfig
-from amalgam.manifests import materialize, write_manifest
-from amalgam.model import KA2ERConfig
+from amalgam.manifests import write_manifest
 from amalgam.phantoms import phantom_manifest
-from amalgam.train import TrainConfig, read_run_config, train
-
-SMALL = dict(spatial_dims=2, feature_size=12, hidden_dim=32, transformer_dim=32, iou_head_hidden_dim=32,
-             mask_in_chans=8)
+from amalgam.train import read_run_config
+from tiny_runs import tiny_ka2er_run
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     "A 2-step KA2ER run on one phantom task, its expert saved as an nnU-Net folder: (run folder, nnUNet_raw)."
-    tmp = tmp_path_factory.mktemp("teacher")
-    manifests = [write_manifest(phantom_manifest("ct_lung", n_cases=3, shape=(64, 64, 24)), tmp / "ct_lung.yaml")]
-    materialize(manifests[0], nnunet_raw=tmp / "raw", cache_dir=tmp / "cache")
-    folder = save_model_folder(tiny_test_expert(2, num_classes=3, name="ct_lung"), tmp / "experts" / "ct_lung")
-    expert = Expert.from_folder(folder, fold=0, name="ct_lung")
-    train(tmp / "run", manifests, KA2ERConfig(**SMALL, tasks=task_classes(manifests)),
-          DataConfig(spatial_dims=2, patch_size=(64, 64), batch_size=2), TrainConfig(steps=2, warmup_steps=1),
-          LossConfig(), ExpertBank([expert]), root=tmp / "raw", progress=False,
-          expert_sources=[{"name": "ct_lung", "task": "ct_lung", "folder": str(folder), "fold": 0,
-                           "labels": dict(expert.labels)}])
-    return tmp / "run", tmp / "raw"
+    run = tiny_ka2er_run(tmp_path_factory.mktemp("teacher"), ["ct_lung"])
+    return run["run"], run["raw"]
 
 
 def test_distilled_student_is_exported_and_predicts(tmp_path, teacher, capsys):
@@ -76,3 +61,10 @@ def test_bad_teachers_exit_2_and_write_nothing(tmp_path, teacher, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (name, err)
         assert not out.exists(), name
+    other = tmp_path / "other_run"  # --restart starts a student over, never another run
+    shutil.copytree(run, other)
+    before = {p.name: sha256_file(p) for p in other.rglob("*") if p.is_file()}
+    assert main(["distill", str(run), str(other), "--restart", "--nnunet-raw", str(raw)]) == 2
+    err = capsys.readouterr().err
+    assert "starting over would replace it" in err and err.count("\n") == 1, err
+    assert {p.name: sha256_file(p) for p in other.rglob("*") if p.is_file()} == before
