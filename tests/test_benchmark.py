@@ -24,10 +24,13 @@ def test_benchmark_notebook_measures_every_part(tmp_path):
     # (2) the forward split, (3) inference against nnU-Net's predictor, (4) growth exponents, (5) throughput
     assert {r["part"] for r in m["forward_split"]} == {"experts", "foundation", "amalgamation", "decoder", "total"}
     assert [r["method"] for r in m["inference"]] == ["nnU-Net predictor (1 expert)", "KA²ER Segmenter (K=1)"]
+    # (3b) KA²ER with the largest K against its expert-free student, per dimensionality
+    assert [(r["dims"], r["method"]) for r in m["student_inference"]] == [
+        (d, method) for d in (2, 3) for method in ("KA²ER (K=3)", "student (no experts)")]
     assert len(m["memory_growth"]) == 6 and all(math.isfinite(g["exponent"]) for g in m["memory_growth"])
     assert m["throughput"]["matmul_float32_TFLOPs"] > 0 and 0 < m["throughput"]["step_fraction_of_peak"]
     # every target has its ratio and verdict; S4 says it was not measured without the demo's reports
-    assert set(m["targets"]) == {"S1_2d", "S1_3d", "S2_2d", "S2_3d", "S3_2d", "S3_3d", "S4"}
+    assert set(m["targets"]) == {"S1_2d", "S1_3d", "S2_2d", "S2_3d", "S3_2d", "S3_3d", "S4", "S5_2d", "S5_3d"}
     for name, t in m["targets"].items():
         if name == "S4": assert t["ratio"] is None and t["pass"] is None and "not measured" in t["detail"]
         else: assert t["ratio"] > 0 and t["pass"] == (t["ratio"] <= t["limit"])
