@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Spacingd
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,10 +37,11 @@ from .bundles import class_label_values, open_bundle
 from .train import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
-__all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'MAX_VOXELS', 'voxel_to_world', 'world_to_voxel', 'tensor_affine',
-           'SegmentationResult', 'TaskSegmentation', 'label_map', 'Segmenter', 'prompted_segmentation', 'nifti_stem',
-           'find_inputs', 'NiftiVolume', 'working_pixdim', 'load_nifti', 'case_prompts', 'read_prompts', 'predict_main',
-           'add_predict_parser', 'predict_cli']
+__all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'NIFTI_SUFFIXES', 'ITK_SUFFIXES', 'SCAN_SUFFIXES', 'MAX_VOXELS',
+           'voxel_to_world', 'world_to_voxel', 'tensor_affine', 'SegmentationResult', 'TaskSegmentation', 'label_map',
+           'Segmenter', 'prompted_segmentation', 'scan_stem', 'find_inputs', 'ScanVolume', 'working_pixdim',
+           'read_scan', 'load_volume', 'case_prompts', 'read_prompts', 'predict_main', 'add_predict_parser',
+           'predict_cli']
 
 # %% ../nbs/12_infer.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -482,35 +483,48 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
 # %% ../nbs/12_infer.ipynb
 PROMPT_KEYS = ("coordinate_system", "points", "point_labels", "box", "task")
 
-def nifti_stem(path: str | os.PathLike) -> str:
-    "A NIfTI file's name without `.nii` / `.nii.gz`."
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # read by SimpleITK, as nnU-Net's SimpleITKIO reads them
+SCAN_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES)
+
+def _dicom_series(folder: Path) -> list[str]:
+    "The DICOM series IDs GDCM finds in `folder` (its files only, not its subfolders)."
+    import SimpleITK as sitk
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+def scan_stem(path: str | os.PathLike) -> str:
+    "An input's name without its image suffix (`.nii.gz`, `.nrrd`, ...); a DICOM series folder's own name."
     name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext): return name[:-len(ext)]
-    return name
+    suffix = next((s for s in SCAN_SUFFIXES if name.lower().endswith(s)), "")
+    return name[:len(name) - len(suffix)]
 
 def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    "The NIfTI files named in `inputs` (files, or folders whose `.nii` / `.nii.gz` files are all taken), with unique names."
+    """The scans named in `inputs`, with unique names: image files (`SCAN_SUFFIXES`), folders whose image files are
+    all taken, and DICOM series folders (a folder of DICOM files and no image file is one scan)."""
     found = []
     for p in map(Path, inputs):
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith((".nii", ".nii.gz")))
-            if not files: raise AmalgamError(f"{p}: folder has no .nii / .nii.gz files")
-            found += files
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(SCAN_SUFFIXES))
+            if not files and not _dicom_series(p):
+                raise AmalgamError(f"{p}: folder has no image files ({', '.join(SCAN_SUFFIXES)}) and no DICOM series")
+            found += files or [p]
         elif p.is_file():
-            if not p.name.endswith((".nii", ".nii.gz")): raise AmalgamError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
+            if not p.name.lower().endswith(SCAN_SUFFIXES):
+                raise AmalgamError(f"{p}: not an image file amalgam reads ({', '.join(SCAN_SUFFIXES)}, or a DICOM "
+                                   "series folder)")
             found.append(p)
         else: raise AmalgamError(f"{p}: input file not found")
-    stems = [nifti_stem(f) for f in found]
+    stems = [scan_stem(f) for f in found]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup: raise AmalgamError(f"inputs: several files named {dup} (outputs are named after inputs); pass them in separate runs")
     return found
 
 @dataclass(eq=False)
-class NiftiVolume:
-    "A NIfTI file prepared as the model's training data was (MONAI: channel first, reoriented to `DataConfig.orientation`, resampled to the task's `pixdim`), in tensor axis order."
+class ScanVolume:
+    """A scan prepared as the model's training data was (MONAI: channel first, reoriented to
+    `DataConfig.orientation`, resampled to the task's `pixdim`), in tensor axis order."""
     path: Path
-    nifti: nib.Nifti1Image  # the file as nibabel reads it (header and affine for the outputs)
+    nifti: nib.Nifti1Image  # the scan as a NIfTI image (header and RAS+ affine for the outputs)
     volume: Tensor  # C x *spatial raw float32, tensor axis order, working grid
     affine: np.ndarray  # working-grid voxel index (tensor axis order) -> world mm (the NIfTI's RAS+ space)
     reference: MetaTensor  # the transformed image (file axis order) whose applied operations `restore` inverts
@@ -532,22 +546,61 @@ def working_pixdim(config: DataConfig, task: str | None) -> list[float] | None:
 
 MAX_VOXELS = 2**28  # per input file (268M voxels, 1 GiB as float32; a 768³ volume is over it): `--max-voxels` raises it
 
-def _root_cause(e: BaseException) -> BaseException:
-    "The innermost exception of a chain (MONAI wraps a reader's error in 'applying transform <object at 0x...>')."
-    while e.__cause__ is not None: e = e.__cause__
-    return e
+def _itk_to_nifti(img, path: Path) -> nib.Nifti1Image:
+    """A SimpleITK image (LPS world, `z, y, x` arrays) as a NIfTI image in memory: RAS+ affine, `x, y, z` array."""
+    import SimpleITK as sitk
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise AmalgamError(f"{path}: a vector image ({img.GetNumberOfComponentsPerPixel()} components per voxel); "
+                           "amalgam reads scalar volumes (one file per channel or modality)")
+    if img.GetDimension() != 3:
+        raise AmalgamError(f"{path}: a {img.GetDimension()}D image of size {img.GetSize()}; expected a 3D volume")
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(img.GetDirection(), np.float64).reshape(3, 3) * np.asarray(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    return nib.Nifti1Image(np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0)),
+                           np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
 
-def load_nifti(path: str | os.PathLike, config: DataConfig, in_channels: int = 1, task: str | None = None,
-               max_voxels: int = MAX_VOXELS) -> NiftiVolume:
-    """Read and check one NIfTI (a 3D image, or channels on a 4th axis) and prepare it for a model trained with `config`
-    (see `NiftiVolume`). The header is checked first (size against `max_voxels`, geometry), the data are read only then."""
+def read_scan(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
+    """A scan as a NIfTI image (RAS+ world, the array in `x, y, z` order): a NIfTI file as nibabel opens it (its data
+    are read later, and only if its header passes); an NRRD/MHA/MHD file or a DICOM series folder read by SimpleITK,
+    its size checked against `max_voxels` before the voxels are read, its LPS geometry turned into RAS+."""
+    import SimpleITK as sitk
     path = Path(path)
-    if not path.is_file(): raise AmalgamError(f"{path}: input file not found")
-    try:
-        nifti = nib.load(path)
-        shape = tuple(nifti.shape)
-    except Exception as e:  # nibabel, gzip and zlib raise many types for a damaged file; all mean the same here
-        raise AmalgamError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from None
+    if path.is_dir():
+        ids = _dicom_series(path)
+        if len(ids) != 1:
+            raise AmalgamError(f"{path}: {'no DICOM series' if not ids else f'{len(ids)} DICOM series {ids}'}; "
+                               "give a folder that holds one series")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
+        head = sitk.ImageFileReader(); head.SetFileName(reader.GetFileNames()[0]); head.ReadImageInformation()
+        size = (*head.GetSize()[:2], len(reader.GetFileNames()))
+    elif path.is_file() and path.name.lower().endswith(ITK_SUFFIXES):
+        reader = head = sitk.ImageFileReader(); reader.SetFileName(str(path))
+        try: head.ReadImageInformation()
+        except RuntimeError as e: raise AmalgamError(f"{path}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+        size = head.GetSize()
+    elif path.is_file():
+        try: return nib.load(path)
+        except Exception as e:  # nibabel, gzip and zlib raise many types for a damaged file; all mean the same here
+            raise AmalgamError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from None
+    else: raise AmalgamError(f"{path}: input file not found")
+    if math.prod(size) * head.GetNumberOfComponents() > max_voxels:
+        raise AmalgamError(f"{path}: the header claims {' x '.join(map(str, size))} = {math.prod(size)} voxels, "
+                           f"over the limit of {max_voxels} (raise it with --max-voxels if the image is really that large)")
+    try: img = reader.Execute()
+    except RuntimeError as e:
+        raise AmalgamError(f"{path}: cannot read the image data ({str(e).strip().splitlines()[-1]})") from None
+    return _itk_to_nifti(img, path)
+
+def load_volume(path: str | os.PathLike, config: DataConfig, in_channels: int = 1, task: str | None = None,
+                max_voxels: int = MAX_VOXELS) -> ScanVolume:
+    """Read and check one scan (`read_scan`: a NIfTI, NRRD, MHA/MHD file or a DICOM series folder; a 3D image, or a
+    NIfTI with channels on a 4th axis) and prepare it for a model trained with `config` (see `ScanVolume`). The header
+    is checked first (size against `max_voxels`, geometry), the data are read only then."""
+    path = Path(path)
+    nifti = read_scan(path, max_voxels)
+    shape = tuple(nifti.shape)
     if len(shape) not in (3, 4): raise AmalgamError(f"{path}: array of shape {shape}; expected a 3D image (x, y, z), channels on a 4th axis")
     if 0 in shape: raise AmalgamError(f"{path}: axis {shape.index(0)} has zero size (shape {shape}); the image is empty")
     if math.prod(shape) > max_voxels:
@@ -560,21 +613,24 @@ def load_nifti(path: str | os.PathLike, config: DataConfig, in_channels: int = 1
     channels = shape[3] if len(shape) == 4 else 1
     if channels != in_channels: raise AmalgamError(f"{path}: {channels} channel(s) (shape {shape}) but the model takes {in_channels}")
     if config.spatial_dims == 3 and min(shape[:3]) < 2: raise AmalgamError(f"{path}: a 2D image (shape {shape}) but the model is 3D; it needs a volume")
-    ts = [LoadImaged("image", reader="NibabelReader"), EnsureChannelFirstd("image", channel_dim="no_channel" if len(shape) == 3 else -1)]
+    try: data = np.asarray(nifti.dataobj, dtype=np.float32)  # the NIfTI's scaling (scl_slope/inter) applied
+    except Exception as e:
+        raise AmalgamError(f"{path}: cannot read the image data ({type(e).__name__}: {e}); "
+                           "the file may be truncated or damaged") from None
+    bad = int((~np.isfinite(data)).sum())
+    if bad: raise AmalgamError(f"{path}: contains {bad} NaN/inf voxel(s)")
+    image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(affine),
+                       meta={"filename_or_obj": str(path), "original_affine": affine, "spatial_shape": shape[:3]})
+    ts = [EnsureChannelFirstd("image", channel_dim="no_channel" if len(shape) == 3 else -1)]
     if config.orientation: ts.append(Orientationd("image", axcodes=config.orientation, labels=None))
     pixdim = working_pixdim(config, task)
     if pixdim: ts.append(Spacingd("image", pixdim=list(pixdim)[::-1], mode="bilinear"))  # MONAI's axes are the file's: reversed
     transform = Compose(ts)
-    try: image = transform({"image": str(path)})["image"]
-    except Exception as e:
-        cause = _root_cause(e)
-        raise AmalgamError(f"{path}: cannot read the image data ({type(cause).__name__}: {cause}); "
-                           "the file may be truncated or damaged") from None
+    image = transform({"image": image})["image"]
     raw = image.as_tensor().float()
-    bad = int((~torch.isfinite(raw)).sum())
-    if bad: raise AmalgamError(f"{path}: contains {bad} NaN/inf voxel(s)")
     volume = raw.permute(0, *range(raw.ndim - 1, 0, -1)).contiguous()
-    return NiftiVolume(path, nifti, volume, tensor_affine(image.affine.numpy()), image, transform)
+    return ScanVolume(path, nifti, volume, tensor_affine(image.affine.numpy()), image, transform)
+
 
 # %% ../nbs/12_infer.ipynb
 def _prompt_array(spec: Mapping, key: str, where: str, n: int | None) -> np.ndarray | None:
@@ -591,7 +647,7 @@ def _outside(v: np.ndarray, shape: Sequence[int]) -> int | None:
     bad = ((v < -0.5) | (v > np.asarray(shape) - 0.5)).any(1)
     return int(bad.argmax()) if bad.any() else None
 
-def case_prompts(spec: Mapping, where: str, case: NiftiVolume) -> dict:
+def case_prompts(spec: Mapping, where: str, case: ScanVolume) -> dict:
     "Keyword arguments of `Segmenter.segment` (voxel coordinates of the working grid, tensor axis order) from one JSON prompt entry (see the schema above); `where` names the file and case in errors."
     unknown = sorted(set(spec) - set(PROMPT_KEYS))
     if unknown: raise AmalgamError(f"{where}: unknown key(s) {unknown}; allowed: {list(PROMPT_KEYS)}")
@@ -637,7 +693,7 @@ def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, 
     cases = spec.get("cases", {})
     if not isinstance(cases, dict) or not all(isinstance(v, dict) for v in cases.values()):
         raise AmalgamError(f"{path}: cases must map file names to prompt objects")
-    by_name = {k: p for p in inputs for k in (p.name, nifti_stem(p))}
+    by_name = {k: p for p in inputs for k in (p.name, scan_stem(p))}
     stray = sorted(k for k in cases if k not in by_name)
     if stray: raise AmalgamError(f"{path}: cases {stray} match no input file (inputs: {[p.name for p in inputs]})")
     top = {k: v for k, v in spec.items() if k != "cases"}
@@ -653,7 +709,7 @@ def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, 
     return out
 
 # %% ../nbs/12_infer.ipynb
-def _save_outputs(case: NiftiVolume, files: Mapping[Path, tuple],
+def _save_outputs(case: ScanVolume, files: Mapping[Path, tuple],
                   sidecars: Mapping[Path, Mapping] | None = None) -> list[Path]:
     """Write `files` ({path: (array on the file's grid, dtype)}) as NIfTI with the input's affine and header, and the
     JSON `sidecars`, each to a temporary name first, all renamed into place together."""
@@ -669,25 +725,25 @@ def _save_outputs(case: NiftiVolume, files: Mapping[Path, tuple],
             stack.enter_context(atomic_path(path)).write_text(json.dumps(obj, indent=2) + "\n")
     return [*files, *(sidecars or {})]
 
-def _write_case(out_dir: Path, case: NiftiVolume, result: SegmentationResult, save_probability: bool) -> list[Path]:
+def _write_case(out_dir: Path, case: ScanVolume, result: SegmentationResult, save_probability: bool) -> list[Path]:
     "The case's mask (and probability / weight maps) on the input's grid with its affine and header."
     names = list(result.expert_weights or {})
     maps = torch.from_numpy(np.stack([result.probability, *(result.expert_weights[n] for n in names)]))
     restored = case.restore(maps)  # back on the file's grid: the mask is the restored probability > 0.5
-    name = nifti_stem(case.path)
+    name = scan_stem(case.path)
     files = {out_dir / f"{name}.nii.gz": ((restored[0] > 0.5), np.uint8)}
     if save_probability: files[out_dir / f"{name}_probability.nii.gz"] = (restored[0], np.float32)
     for i, n in enumerate(names): files[out_dir / f"{name}_weights_{n}.nii.gz"] = (restored[1 + i], np.float32)
     return _save_outputs(case, files)
 
-def _write_task_case(out_dir: Path, case: NiftiVolume, task: str, seg: TaskSegmentation,
+def _write_task_case(out_dir: Path, case: ScanVolume, task: str, seg: TaskSegmentation,
                      save_probabilities: bool) -> list[Path]:
     """A whole task's label map on the input's grid (the classes' probabilities restored to the file's grid first, then
     the label map taken there, as for one class); with `save_probabilities`, a 4D NIfTI of the per-class probabilities
     (classes on the last axis) and a JSON naming its channels."""
     restored = case.restore(torch.from_numpy(seg.probabilities))
     labels = label_map(restored, seg.values)
-    name = nifti_stem(case.path)
+    name = scan_stem(case.path)
     files = {out_dir / f"{name}.nii.gz": (labels, labels.dtype)}
     sidecars = {}
     if save_probabilities:
@@ -722,7 +778,7 @@ def predict_main(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, inputs) if args.prompts else {p: {"task": args.task} for p in inputs}
     out_dir = Path(args.output)
     _check_output_dir(out_dir)
-    clash = [p for p in inputs if p.resolve() == (out_dir / f"{nifti_stem(p)}.nii.gz").resolve()]
+    clash = [p for p in inputs if p.resolve() == (out_dir / f"{scan_stem(p)}.nii.gz").resolve()]
     if clash: raise AmalgamError(f"{clash[0]}: the output would overwrite this input; choose another -o folder")
     segmenter = (Segmenter.from_bundle(args.model, device, batch_size=args.batch_size) if args.model
                  else Segmenter.from_run(args.run, device, batch_size=args.batch_size))
@@ -737,7 +793,7 @@ def predict_main(args: argparse.Namespace) -> int:
         if prompts[p].get("task") is not None and not whole_task:
             try: segmenter.check_task(prompts[p]["task"])
             except AmalgamError as e: raise AmalgamError(f"{where[p]}: {e}") from None
-    load = lambda p: load_nifti(p, segmenter.data_config, segmenter.model.foundation.in_channels, prompts[p].get("task"), args.max_voxels)
+    load = lambda p: load_volume(p, segmenter.data_config, segmenter.model.foundation.in_channels, prompts[p].get("task"), args.max_voxels)
     for p in inputs:  # every input and prompt is checked before the first output file is written
         case = load(p)
         if not args.auto: case_prompts(prompts[p], where[p], case)
@@ -754,15 +810,16 @@ def predict_main(args: argparse.Namespace) -> int:
 
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     "Add the `predict` sub-command to an `argparse` sub-parsers object; it calls `predict_main` through `fn`."
-    p = subparsers.add_parser("predict", help="segment NIfTI images with a trained run (prompts from a JSON file, or automatic)",
-                              description="Segment NIfTI images with a trained KA2ER run. Masks keep the input's affine and header. "
+    p = subparsers.add_parser("predict", help="segment scans (NIfTI, NRRD, MHA/MHD, DICOM) with a trained run (prompts from a JSON file, or automatic)",
+                              description="Segment scans with a trained KA2ER run: NIfTI, NRRD, MHA/MHD files and DICOM series folders. "
+                              "Masks are NIfTI with the scan's geometry (a NIfTI input's own affine and header). "
                               "Prompts JSON: {\"coordinate_system\": \"voxel\"|\"world\", \"points\": [[i,j,k],...], \"point_labels\": [1,0,...], "
                               "\"box\": [[i0,j0,k0],[i1,j1,k1]], \"task\": \"task:class\", \"cases\": {\"file.nii.gz\": {...}}}; voxel = the file's "
-                              "own (i,j,k) indices, world = NIfTI world (RAS+) mm; top-level prompts apply to inputs without a case entry.")
+                              "own (i,j,k) indices, world = RAS+ mm whatever the format (negate x and y of LPS coordinates); top-level prompts apply to inputs without a case entry.")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("-r", "--run", help="training run folder (config.json + model.pt)")
     model.add_argument("-m", "--model", help="bundle zip made by `amalgam export` (self-contained, checked on load)")
-    p.add_argument("-i", "--input", nargs="+", required=True, help="NIfTI file(s) and/or folder(s) of .nii/.nii.gz files")
+    p.add_argument("-i", "--input", nargs="+", required=True, help="image file(s) (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), folder(s) of them, and/or DICOM series folder(s)")
     p.add_argument("-o", "--output", required=True, help="output folder (created; masks are named after the inputs)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--prompts", help="JSON file of clicks/boxes (schema above)")

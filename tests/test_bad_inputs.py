@@ -10,12 +10,14 @@ import nbformat
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 import amalgam.infer as I
 import amalgam.manifests as M
 from amalgam.cli import main
 from amalgam.config import remove_stale_temporaries
 from amalgam.phantoms import MAX_PHANTOM_CASES, phantom_manifest
+from scans import itk_image, write_dicom_series
 from test_infer import make_run
 from test_manifests import label_array, make_raw, manifest_dict, save
 
@@ -297,9 +299,36 @@ def r_zero_axis(run, tmp):
     return argv(run, tmp, p), ["empty.nii.gz", "axis 0 has zero size", "(0, 24, 32)"], False
 
 
+def _scan(shape=(20, 24, 32)):
+    return itk_image(np.zeros(shape, np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+
+
+def r_dicom_two_series(run, tmp):
+    write_dicom_series(_scan(), tmp / "dicom", "1.2.826.0.1.3680043.2.1125.9001")
+    write_dicom_series(_scan(), tmp / "dicom", "1.2.826.0.1.3680043.2.1125.9002")
+    return argv(run, tmp, tmp / "dicom"), ["dicom", "2 DICOM series", "one series"], False
+
+
+def r_vector_nrrd(run, tmp):
+    sitk.WriteImage(sitk.Compose([sitk.Cast(_scan(), sitk.sitkFloat32)] * 3), str(tmp / "field.nrrd"))
+    return argv(run, tmp, tmp / "field.nrrd"), ["field.nrrd", "vector image", "3 components"], False
+
+
+def r_world_prompt_outside_nrrd(run, tmp):
+    sitk.WriteImage(_scan(), str(tmp / "scan.nrrd"))
+    spec = {"coordinate_system": "world", "points": [[0.0, 0.0, 500.0]]}
+    return argv(run, tmp, tmp / "scan.nrrd", spec=spec), ["scan.nrrd", "[0.0, 0.0, 500.0]", "world", "outside"], False
+
+
+def r_folder_without_scans(run, tmp):
+    (tmp / "notes").mkdir(); (tmp / "notes" / "readme.txt").write_text("no scans here")
+    return argv(run, tmp, tmp / "notes"), ["notes", "no image files", "no DICOM series"], True
+
+
 @pytest.mark.parametrize("make", [r_output_not_writable, r_batch_size_zero, r_prompts_nested, r_config_wrong_type,
                                   r_config_unknown_key, r_truncated, r_header_5000_cubed, r_over_voxel_flag,
-                                  r_singular_affine, r_nan_affine, r_zero_axis], ids=lambda f: f.__name__)
+                                  r_singular_affine, r_nan_affine, r_zero_axis, r_dicom_two_series, r_vector_nrrd,
+                                  r_world_prompt_outside_nrrd, r_folder_without_scans], ids=lambda f: f.__name__)
 def test_predict_bad_inputs(make, run3d, tmp_path, capsys, monkeypatch):
     args, words, before_model = make(run3d, tmp_path)
     if before_model:  # these must be refused before the (slow, large) model is loaded

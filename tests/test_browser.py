@@ -25,7 +25,7 @@ from scipy.ndimage import distance_transform_edt
 
 from amalgam.data import DataConfig, task_classes
 from amalgam.experts import ExpertBank, save_model_folder, tiny_test_expert
-from amalgam.infer import Segmenter, load_nifti
+from amalgam.infer import Segmenter, load_volume
 from amalgam.losses import LossConfig
 from amalgam.manifests import datalist, materialize, write_manifest
 from amalgam.model import KA2ERConfig
@@ -196,7 +196,7 @@ def test_demo_notebook_in_a_browser(lab, demo_run):
 
     # The same prompt through the Segmenter here: the widget sent the clicked voxel and shows the model's answer.
     segmenter = Segmenter.from_run(demo_run["run"])
-    volume = load_nifti(demo_run["case"]["image"], segmenter.data_config, task="ct_abdomen")
+    volume = load_volume(demo_run["case"]["image"], segmenter.data_config, task="ct_abdomen")
     expected = segmenter.segment(volume.volume, points=[[index, row, col]], point_labels=[1]).mask
     assert n > 0, "the readout reports an empty mask"
     assert n == int(expected.sum())

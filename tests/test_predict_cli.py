@@ -1,4 +1,4 @@
-"""`amalgam predict`: NIfTI geometry round trip, orientation, voxel vs world prompts, 2D/3D runs, resampling, and bad
+"""`amalgam predict`: NIfTI geometry round trip, NRRD/MHA/DICOM inputs, orientation, voxel vs world prompts, 2D/3D runs, resampling, and bad
 input (exit code 2, one line on stderr naming the file, no output written)."""
 import json
 from pathlib import Path
@@ -6,9 +6,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
-from amalgam.infer import Segmenter, load_nifti, predict_cli
+from amalgam.infer import Segmenter, load_volume, predict_cli
+from scans import itk_image, write_dicom_series
 from test_infer import make_run  # the tiny run-folder builder shared with the Python API tests
 
 
@@ -64,7 +66,7 @@ def test_round_trip_keeps_geometry_and_header(tmp_path, run3d, capsys):
     np.testing.assert_allclose(w, 1, atol=1e-4)
     # the same mask as the Python API on the prepared volume, mapped back to the file's grid
     seg = Segmenter.from_run(run3d)
-    case = load_nifti(src, seg.data_config)
+    case = load_volume(src, seg.data_config)
     box = np.array([[3, 4, 5], [15, 20, 25]], float)
     # LPS file -> RAS working grid, tensor axis order: x and y are flipped, then the axes reversed
     flip = lambda v: np.stack([v[:, 2], 24 - 1 - v[:, 1], 20 - 1 - v[:, 0]], 1)
@@ -212,3 +214,24 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, run3d, run2d, c
     assert len(err) == 1 and err[0].startswith("amalgam predict: ") and expected in err[0], err
     out = tmp_path / "out"
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_nrrd_mha_and_dicom_inputs_give_the_nifti_inputs_mask(tmp_path, run3d):
+    "One scan as NIfTI, NRRD, MHA and a DICOM series, prompted with one world box: the same mask, as NIfTI, for each."
+    data = np.round(volume(seed=4)).astype(np.int16)
+    (tmp_path / "in").mkdir()
+    write_nii(tmp_path / "in" / "a.nii.gz", data, dtype=np.int16)
+    img = itk_image(data, LPS)
+    sitk.WriteImage(img, str(tmp_path / "in" / "b.nrrd")); sitk.WriteImage(img, str(tmp_path / "in" / "c.mha"))
+    write_dicom_series(img, tmp_path / "d")
+    world = nib.affines.apply_affine(LPS, [[4, 5, 6], [16, 20, 26]])
+    spec = prompts_file(tmp_path / "p.json", {"coordinate_system": "world",
+                                              "box": [world.min(0).tolist(), world.max(0).tolist()]})
+    out = tmp_path / "o"
+    assert predict_cli(["-r", str(run3d), "-i", str(tmp_path / "in"), str(tmp_path / "d"), "-o", str(out),
+                        "--prompts", spec]) == 0
+    masks = {n: nib.load(out / f"{n}.nii.gz") for n in ("a", "b", "c", "d")}
+    assert masks["a"].get_fdata().sum() > 0
+    for n, m in masks.items():
+        np.testing.assert_allclose(m.affine, LPS, atol=1e-5, err_msg=n)
+        np.testing.assert_array_equal(np.asarray(m.dataobj), np.asarray(masks["a"].dataobj), err_msg=n)
