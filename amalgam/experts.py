@@ -521,6 +521,79 @@ class Expert:
         if not normalized: x = self._normalize(x, stats)
         with torch.no_grad(), self._autocast(): return self.network(x).float()
 
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
+                    device: str | torch.device = "cpu", name: str | None = None, labels: Mapping[str, int] | None = None) -> Expert:
+        """Load a trained nnU-Net v2 model folder (`Dataset…/Trainer__Plans__configuration`) as a frozen expert.
+
+        `labels`: the label map the expert must have (e.g. a manifest's `labels`); a different one is an error.
+        """
+        folder = Path(path)
+        if not folder.is_dir(): raise AmalgamError(f"{folder}: model folder not found")
+        plans, dataset_json = _read_json(folder / "plans.json", folder), _read_json(folder / "dataset.json", folder)
+        fold_dir = folder / f"fold_{fold}"
+        if not fold_dir.is_dir():
+            have = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
+            raise AmalgamError(f"{folder}: no fold {fold} (fold_{fold} missing; available: {have or 'none'})")
+        ckpt_file = fold_dir / checkpoint
+        if not ckpt_file.is_file():
+            raise AmalgamError(f"{fold_dir}: no {checkpoint} (available: {sorted(p.name for p in fold_dir.glob('*.pth')) or 'none'})")
+        ckpt = load_weights(ckpt_file, "nnU-Net checkpoint")
+        try: configuration = ckpt["init_args"]["configuration"]
+        except (KeyError, TypeError): raise AmalgamError(f"{ckpt_file}: not an nnU-Net v2 checkpoint (no init_args.configuration)") from None
+        if folder.name.count("__") == 2 and folder.name.rsplit("__", 1)[1] != configuration:
+            raise AmalgamError(f"{ckpt_file}: checkpoint was trained as configuration {configuration!r} but the folder is {folder.name}")
+        if configuration not in plans.get("configurations", {}):
+            raise AmalgamError(f"{folder}: checkpoint / plans mismatch: plans.json has no configuration {configuration!r}")
+        if labels is not None and {k: int(v) for k, v in dataset_json["labels"].items()} != dict(labels):
+            raise AmalgamError(f"{folder}: the expert's labels {dataset_json['labels']} differ from the expected {dict(labels)}")
+        pm = PlansManager(plans)
+        network = _build_network(pm, pm.get_configuration(configuration), dataset_json)
+        try: network.load_state_dict(ckpt["network_weights"])
+        except RuntimeError as e:
+            raise AmalgamError(f"{folder}: checkpoint / plans mismatch: {ckpt_file.name} does not fit the network that plans.json "
+                               f"describes for {configuration!r} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+        return cls(network.to(device), plans, dataset_json, configuration, name=name, source=folder)
+
+    @classmethod
+    def from_zip(cls, zip_path: str | os.PathLike, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
+                 device: str | torch.device = "cpu", name: str | None = None, labels: Mapping[str, int] | None = None,
+                 configuration: str | None = None, extract_to: str | os.PathLike | None = None) -> Expert:
+        """Load a model zip made by `nnUNetv2_export_model_to_zip`; it is unpacked once into `extract_to`
+        (default `<workspace>/nnUNet_imported/<zip sha256[:16]>`). `configuration` picks one model when the zip holds several."""
+        zp = Path(zip_path)
+        if not zp.is_file(): raise AmalgamError(f"{zp}: model zip not found")
+        if not zipfile.is_zipfile(zp): raise AmalgamError(f"{zp}: not a zip file")
+        dest = Path(extract_to) if extract_to else workspace() / "nnUNet_imported" / sha256_file(zp)[:16]
+        if not dest.is_dir():
+            with zipfile.ZipFile(zp) as z:
+                bad = [n for n in z.namelist() if n.startswith(("/", "\\")) or ".." in Path(n).parts]
+                if bad: raise AmalgamError(f"{zp}: refuses to unpack members outside the target folder: {bad[:3]}")
+                with atomic_dir(dest) as tmp: z.extractall(tmp)
+        models = sorted(p.parent for p in dest.rglob("plans.json") if any(p.parent.glob("fold_*")))
+        if configuration is not None: models = [m for m in models if m.name.rsplit("__", 1)[-1] == configuration]
+        if len(models) != 1:
+            found = [str(m.relative_to(dest)) for m in models]
+            raise AmalgamError(f"{zp}: expected exactly one nnU-Net model{f' of configuration {configuration!r}' if configuration else ''}, "
+                               f"found {found or 'none'}" + ("; pass configuration=..." if len(models) > 1 else ""))
+        return cls.from_folder(models[0], fold, checkpoint, device, name, labels)
+
+    def segment_image(self, image: np.ndarray | torch.Tensor, spacing: Sequence[float], tile_step_size: float = 0.5) -> np.ndarray:
+        "Label map (same shape and axis order as `image`'s spatial axes) of a whole image `C x *spatial` with `spacing`."
+        image = torch.as_tensor(image, dtype=torch.float32)
+        if image.ndim != 4: raise AmalgamError(f"{self.source or self.name}: segment_image expects one 3D image C x X x Y x Z, got shape {tuple(image.shape)}")
+        fwd, bwd = self.plans_manager.transpose_forward, self.plans_manager.transpose_backward
+        cm = self.configuration_manager
+        data = image.permute(0, *[i + 1 for i in fwd])
+        spacing = [float(spacing[i]) for i in fwd]
+        target = [spacing[0], *cm.spacing] if len(cm.spacing) < 3 else list(cm.spacing)
+        data = self.normalize(data[None])[0].numpy()  # nnU-Net normalises before resampling, so nonzero masks stay exact
+        shape = data.shape[1:]
+        data = torch.from_numpy(np.ascontiguousarray(cm.resampling_fn_data(data, compute_new_shape(shape, spacing, target), spacing, target)))
+        logits = _sliding_window_logits(self, data, tile_step_size).numpy()
+        logits = cm.resampling_fn_probabilities(logits, shape, target, spacing)
+        return np.asarray(logits).argmax(0).transpose(bwd).astype(np.uint8)
+
 # %% ../nbs/03_experts.ipynb
 def synthetic_plans(spatial_dims: int = 3, in_channels: int = 1, modality: str = "CT",
                     features: Sequence[int] = (8, 16, 32), patch: int = 32, dataset_name: str = "Dataset999_Tiny") -> dict:
@@ -589,64 +662,6 @@ def _read_json(path: Path, folder: Path) -> dict:
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from e
 
-def _from_folder(cls, path: str | os.PathLike, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
-                 device: str | torch.device = "cpu", name: str | None = None, labels: Mapping[str, int] | None = None) -> Expert:
-    """Load a trained nnU-Net v2 model folder (`Dataset…/Trainer__Plans__configuration`) as a frozen expert.
-
-    `labels`: the label map the expert must have (e.g. a manifest's `labels`); a different one is an error.
-    """
-    folder = Path(path)
-    if not folder.is_dir(): raise AmalgamError(f"{folder}: model folder not found")
-    plans, dataset_json = _read_json(folder / "plans.json", folder), _read_json(folder / "dataset.json", folder)
-    fold_dir = folder / f"fold_{fold}"
-    if not fold_dir.is_dir():
-        have = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
-        raise AmalgamError(f"{folder}: no fold {fold} (fold_{fold} missing; available: {have or 'none'})")
-    ckpt_file = fold_dir / checkpoint
-    if not ckpt_file.is_file():
-        raise AmalgamError(f"{fold_dir}: no {checkpoint} (available: {sorted(p.name for p in fold_dir.glob('*.pth')) or 'none'})")
-    ckpt = load_weights(ckpt_file, "nnU-Net checkpoint")
-    try: configuration = ckpt["init_args"]["configuration"]
-    except (KeyError, TypeError): raise AmalgamError(f"{ckpt_file}: not an nnU-Net v2 checkpoint (no init_args.configuration)") from None
-    if folder.name.count("__") == 2 and folder.name.rsplit("__", 1)[1] != configuration:
-        raise AmalgamError(f"{ckpt_file}: checkpoint was trained as configuration {configuration!r} but the folder is {folder.name}")
-    if configuration not in plans.get("configurations", {}):
-        raise AmalgamError(f"{folder}: checkpoint / plans mismatch: plans.json has no configuration {configuration!r}")
-    if labels is not None and {k: int(v) for k, v in dataset_json["labels"].items()} != dict(labels):
-        raise AmalgamError(f"{folder}: the expert's labels {dataset_json['labels']} differ from the expected {dict(labels)}")
-    pm = PlansManager(plans)
-    network = _build_network(pm, pm.get_configuration(configuration), dataset_json)
-    try: network.load_state_dict(ckpt["network_weights"])
-    except RuntimeError as e:
-        raise AmalgamError(f"{folder}: checkpoint / plans mismatch: {ckpt_file.name} does not fit the network that plans.json "
-                           f"describes for {configuration!r} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    return cls(network.to(device), plans, dataset_json, configuration, name=name, source=folder)
-
-def _from_zip(cls, zip_path: str | os.PathLike, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
-              device: str | torch.device = "cpu", name: str | None = None, labels: Mapping[str, int] | None = None,
-              configuration: str | None = None, extract_to: str | os.PathLike | None = None) -> Expert:
-    """Load a model zip made by `nnUNetv2_export_model_to_zip`; it is unpacked once into `extract_to`
-    (default `<workspace>/nnUNet_imported/<zip sha256[:16]>`). `configuration` picks one model when the zip holds several."""
-    zp = Path(zip_path)
-    if not zp.is_file(): raise AmalgamError(f"{zp}: model zip not found")
-    if not zipfile.is_zipfile(zp): raise AmalgamError(f"{zp}: not a zip file")
-    dest = Path(extract_to) if extract_to else workspace() / "nnUNet_imported" / sha256_file(zp)[:16]
-    if not dest.is_dir():
-        with zipfile.ZipFile(zp) as z:
-            bad = [n for n in z.namelist() if n.startswith(("/", "\\")) or ".." in Path(n).parts]
-            if bad: raise AmalgamError(f"{zp}: refuses to unpack members outside the target folder: {bad[:3]}")
-            with atomic_dir(dest) as tmp: z.extractall(tmp)
-    models = sorted(p.parent for p in dest.rglob("plans.json") if any(p.parent.glob("fold_*")))
-    if configuration is not None: models = [m for m in models if m.name.rsplit("__", 1)[-1] == configuration]
-    if len(models) != 1:
-        found = [str(m.relative_to(dest)) for m in models]
-        raise AmalgamError(f"{zp}: expected exactly one nnU-Net model{f' of configuration {configuration!r}' if configuration else ''}, "
-                           f"found {found or 'none'}" + ("; pass configuration=..." if len(models) > 1 else ""))
-    return _from_folder(cls, models[0], fold, checkpoint, device, name, labels)
-
-Expert.from_folder = classmethod(_from_folder)
-Expert.from_zip = classmethod(_from_zip)
-
 # %% ../nbs/03_experts.ipynb
 def save_model_folder(expert: Expert, folder: str | os.PathLike, fold: int = 0, trainer: str = FULL_TRAINER) -> Path:
     "Write `expert` as an nnU-Net results folder `folder/fold_<fold>/checkpoint_final.pth` (+ plans.json, dataset.json); each file and the fold folder are written atomically, other folds are kept."
@@ -687,24 +702,6 @@ def _sliding_window_logits(self: Expert, data: torch.Tensor, tile_step_size: flo
                 weight[sl[1:]] += gaussian
         logits /= weight
     return logits[(slice(None), *revert[1:])].cpu()
-
-def _segment_image(self: Expert, image: np.ndarray | torch.Tensor, spacing: Sequence[float], tile_step_size: float = 0.5) -> np.ndarray:
-    "Label map (same shape and axis order as `image`'s spatial axes) of a whole image `C x *spatial` with `spacing`."
-    image = torch.as_tensor(image, dtype=torch.float32)
-    if image.ndim != 4: raise AmalgamError(f"{self.source or self.name}: segment_image expects one 3D image C x X x Y x Z, got shape {tuple(image.shape)}")
-    fwd, bwd = self.plans_manager.transpose_forward, self.plans_manager.transpose_backward
-    cm = self.configuration_manager
-    data = image.permute(0, *[i + 1 for i in fwd])
-    spacing = [float(spacing[i]) for i in fwd]
-    target = [spacing[0], *cm.spacing] if len(cm.spacing) < 3 else list(cm.spacing)
-    data = self.normalize(data[None])[0].numpy()  # nnU-Net normalises before resampling, so nonzero masks stay exact
-    shape = data.shape[1:]
-    data = torch.from_numpy(np.ascontiguousarray(cm.resampling_fn_data(data, compute_new_shape(shape, spacing, target), spacing, target)))
-    logits = _sliding_window_logits(self, data, tile_step_size).numpy()
-    logits = cm.resampling_fn_probabilities(logits, shape, target, spacing)
-    return np.asarray(logits).argmax(0).transpose(bwd).astype(np.uint8)
-
-Expert.segment_image = _segment_image
 
 # %% ../nbs/03_experts.ipynb
 class ExpertBank:

@@ -179,83 +179,6 @@ def _window_key(w: Tensor) -> bytes:
     "A digest of one window's voxels (and shape): equal windows share one encoding."
     return hashlib.blake2b(w.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16, person=str(tuple(w.shape)).encode()[:16]).digest()
 
-class Segmenter:
-    "A trained KA²ER (or baseline) model that segments whole volumes from prompts: clicks, a box, or a task name (automatic mode)."
-    def __init__(self,
-                 model: KA2ER,  # trained model (put in eval mode here)
-                 data_config: DataConfig,  # its patch_size is the inference window
-                 device: str | torch.device = "cpu",
-                 batch_size: int = 16,  # windows per forward pass
-                 overlap: float = 0.5,  # sliding-window overlap (nnU-Net's tile step of 0.5)
-                 cache_mb: float = 512,  # memory for cached window encodings (see `_encode`); 0 turns the cache off
-                 label_values: Mapping[str, Mapping[str, int | None]] | None = None,  # task -> class -> label value
-                ):
-        if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
-            raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config spatial_dims={data_config.spatial_dims}, "
-                               f"patch_size={tuple(data_config.patch_size)}")
-        if batch_size < 1: raise AmalgamError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
-        if not 0 <= overlap < 1: raise AmalgamError(f"Segmenter: overlap must be in [0, 1), got {overlap}")
-        self.device = torch.device(device)
-        self.model, self.data_config = model.to(self.device).eval(), data_config
-        if model.experts is not None: model.experts.to(self.device)
-        self.patch_size = tuple(int(s) for s in data_config.patch_size)
-        self.batch_size, self.overlap = int(batch_size), float(overlap)
-        if cache_mb < 0: raise AmalgamError(f"Segmenter: cache_mb must be >= 0, got {cache_mb}")
-        self._cache = _EncodingCache(int(cache_mb * 2**20))
-        self.label_values = {t: dict(v) for t, v in (label_values or {}).items()}
-
-    @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
-        "The segmenter of a finished training run folder (`config.json` + `model.pt`, experts rebuilt from their folders)."
-        model, cfg = load_run(run_dir, device=device), read_run_config(run_dir)
-        kwargs.setdefault("label_values", class_label_values(cfg))
-        return cls(model, DataConfig.from_dict(cfg["data"]), device, **kwargs)
-
-    @classmethod
-    def from_bundle(cls, zip_path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dest: str | os.PathLike | None = None, **kwargs) -> "Segmenter":
-        """The segmenter of a bundle made by `amalgam export`: every member checked, unpacked once (`open_bundle`, into
-        `dest` or the workspace), then loaded as a run; no other file is needed."""
-        return cls.from_run(open_bundle(zip_path, dest), device, **kwargs)
-
-    @property
-    def tasks(self) -> dict[str, list[str]]:
-        "Task -> class names of the class vocabulary (what automatic mode can segment)."
-        out: dict[str, list[str]] = {}
-        for n in self.model.class_names: t, c = n.split(":", 1); out.setdefault(t, []).append(c)
-        return out
-
-    @property
-    def spatial_dims(self) -> int: return self.model.spatial_dims
-
-    @property
-    def weight_names(self) -> tuple[str, ...]:
-        "Channel names of the expert-weight maps (experts..., 'foundation'); empty for the baseline."
-        return () if self.model.amalgamation is None else (*self.model.amalgamation.expert_names, "foundation")
-
-    def task_values(self, task: str) -> list[int]:
-        """The label values of `task`'s classes, in vocabulary order: the run's own (its experts' or manifests'), or
-        1..K where the run does not record every one of them (a model built without a run folder)."""
-        if task not in self.tasks:
-            raise AmalgamError(f"task {task!r}: not one of this model's tasks {list(self.tasks)}"
-                               f"{did_you_mean(task, self.tasks)}")
-        known = [self.label_values.get(task, {}).get(c) for c in self.tasks[task]]
-        return [int(v) for v in known] if None not in known else list(range(1, len(known) + 1))
-
-    def segment_task(self, image, task: str, progress: bool = False) -> TaskSegmentation:
-        """Automatic mode for every class of `task` at once, as nnU-Net answers: one label map with the task's label
-        values (each voxel the most probable class whose probability exceeds 0.5, else 0) and per-class probabilities.
-        Window encodings are cached, so the classes share one pass of the experts and the foundation."""
-        values, classes = self.task_values(task), self.tasks[task]
-        each = [self.segment(image, task=f"{task}:{c}", return_probability=True, progress=progress) for c in classes]
-        probs = np.stack([r.probability for r in each])
-        return TaskSegmentation(label_map(probs, values), probs, list(classes), values)
-
-    def check_task(self, task: str) -> int:
-        "Class-token index of `task` ('task:class', or a task with one class); an `AmalgamError` for an unknown or ambiguous name."
-        if not isinstance(task, str) or not task: raise AmalgamError(f"task: expected a name like 'task:class', got {task!r}")
-        return self.model.class_index(task)
-
 # %% ../nbs/12_infer.ipynb
 def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = None,
             classes: Tensor | None = None) -> tuple[list[Tensor], dict[int, Tensor]]:
@@ -376,61 +299,135 @@ def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
                            f"got shape {m.shape}" + ("" if m.shape != tuple(shape) else " with NaN/inf values"))
     return m
 
-def _segment(self: Segmenter, image, points=None, point_labels=None, box=None, task: str | None = None,
-             return_probability: bool = False, return_weights: bool = False, progress: bool = False,
-             mask_input=None) -> SegmentationResult:
-    """Segment one volume `C x *spatial` (raw intensities, tensor axis order) from clicks (`N x 3` voxel coordinates, labels 1/0,
-    default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task` ('task:class'; alone: automatic mode).
-    `mask_input`: logits `*spatial` of a previous prediction to refine (SAM's mask input; e.g. `logit(result.probability)`)."""
-    x = _as_volume(image, self.model.foundation.in_channels)
-    mask_input = _mask_input(mask_input, x.shape[1:])
-    points, point_labels, box = _check_prompt_arrays(points, point_labels, box, x.shape[1:])
-    cls = self.check_task(task) if task is not None else None
-    if points is None and box is None and cls is None: raise AmalgamError("segment: no prompt; give points, a box, or a task for automatic mode")
-    return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
-    if self.spatial_dims == 3:
-        out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls, mask_input)], return_weights, progress, x)[0]
-        return _result(self, out, return_probability, return_weights)
-    boxes, clicks = {}, {}
-    if box is not None:
-        for z in range(int(np.ceil(box[0, 0])), int(np.floor(box[1, 0])) + 1): boxes[z] = box[:, 1:]
-    if points is not None:
-        for z in np.unique(np.rint(points[:, 0]).astype(int)):
-            on = np.rint(points[:, 0]).astype(int) == z
-            clicks[int(z)] = (points[on, 1:], point_labels[on])
-    return _segment_slices(self, x, boxes, clicks, task, return_probability, return_weights, progress,
-                           slices_all=cls is not None, mask_input=mask_input)
+class Segmenter:
+    "A trained KA²ER (or baseline) model that segments whole volumes from prompts: clicks, a box, or a task name (automatic mode)."
+    def __init__(self,
+                 model: KA2ER,  # trained model (put in eval mode here)
+                 data_config: DataConfig,  # its patch_size is the inference window
+                 device: str | torch.device = "cpu",
+                 batch_size: int = 16,  # windows per forward pass
+                 overlap: float = 0.5,  # sliding-window overlap (nnU-Net's tile step of 0.5)
+                 cache_mb: float = 512,  # memory for cached window encodings (see `_encode`); 0 turns the cache off
+                 label_values: Mapping[str, Mapping[str, int | None]] | None = None,  # task -> class -> label value
+                ):
+        if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
+            raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config spatial_dims={data_config.spatial_dims}, "
+                               f"patch_size={tuple(data_config.patch_size)}")
+        if batch_size < 1: raise AmalgamError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
+        if not 0 <= overlap < 1: raise AmalgamError(f"Segmenter: overlap must be in [0, 1), got {overlap}")
+        self.device = torch.device(device)
+        self.model, self.data_config = model.to(self.device).eval(), data_config
+        if model.experts is not None: model.experts.to(self.device)
+        self.patch_size = tuple(int(s) for s in data_config.patch_size)
+        self.batch_size, self.overlap = int(batch_size), float(overlap)
+        if cache_mb < 0: raise AmalgamError(f"Segmenter: cache_mb must be >= 0, got {cache_mb}")
+        self._cache = _EncodingCache(int(cache_mb * 2**20))
+        self.label_values = {t: dict(v) for t, v in (label_values or {}).items()}
 
-def _segment_slices(self: Segmenter, image, boxes: Mapping[int, np.ndarray] | None = None,
-                    points: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None, task: str | None = None,
-                    return_probability: bool = False, return_weights: bool = False, progress: bool = False,
-                    slices_all: bool | None = None, mask_input=None) -> SegmentationResult:
-    """2D models: segment a volume slice by slice along its first spatial axis with per-slice prompts: `boxes` {slice: 2 x 2 box
-    (row, col)}, `points` {slice: (N x 2 coordinates, N labels)}; a `task` prompts every slice (automatic mode) unless
-    `slices_all=False`, when it only conditions the prompted slices. Slices without any prompt are background. `mask_input`:
-    logits of a previous prediction of the volume (`*spatial`); each prompted slice gets its own slice as mask input."""
-    if self.spatial_dims != 2: raise AmalgamError("segment_slices: this is a 3D model; use segment with 3D prompts")
-    x = _as_volume(image, self.model.foundation.in_channels)
-    n, plane = x.shape[1], tuple(x.shape[2:])
-    mask_input = _mask_input(mask_input, x.shape[1:])
-    cls = self.check_task(task) if task is not None else None
-    return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
-    items: list[_Prompt | None] = [None] * n
-    slices_all = cls is not None if slices_all is None else slices_all
-    keys = set(boxes or {}) | set(points or {})
-    for z in keys:
-        if not isinstance(z, (int, np.integer)) or not 0 <= z < n: raise AmalgamError(f"slice index {z!r}: outside 0..{n - 1}")
-    for z in range(n) if slices_all else sorted(keys):
-        pts, lab = (points or {}).get(z, (None, None))
-        try: pts, lab, b = _check_prompt_arrays(pts, lab, (boxes or {}).get(z), plane)
-        except AmalgamError as e: raise AmalgamError(f"slice {z}: {e}") from None
-        items[z] = _Prompt(pts, lab, b, cls, None if mask_input is None else mask_input[z])
-    if not any(items) and not return_weights: raise AmalgamError("segment_slices: no prompt on any slice; give boxes, points or a task")
-    out = _infer(self, x.permute(1, 0, 2, 3), items, return_weights, progress, x)
-    return _result(self, out.permute(1, 0, 2, 3), return_probability, return_weights)
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
+        "The segmenter of a finished training run folder (`config.json` + `model.pt`, experts rebuilt from their folders)."
+        model, cfg = load_run(run_dir, device=device), read_run_config(run_dir)
+        kwargs.setdefault("label_values", class_label_values(cfg))
+        return cls(model, DataConfig.from_dict(cfg["data"]), device, **kwargs)
 
-Segmenter.segment = _segment
-Segmenter.segment_slices = _segment_slices
+    @classmethod
+    def from_bundle(cls, zip_path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dest: str | os.PathLike | None = None, **kwargs) -> "Segmenter":
+        """The segmenter of a bundle made by `amalgam export`: every member checked, unpacked once (`open_bundle`, into
+        `dest` or the workspace), then loaded as a run; no other file is needed."""
+        return cls.from_run(open_bundle(zip_path, dest), device, **kwargs)
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        "Task -> class names of the class vocabulary (what automatic mode can segment)."
+        out: dict[str, list[str]] = {}
+        for n in self.model.class_names: t, c = n.split(":", 1); out.setdefault(t, []).append(c)
+        return out
+
+    @property
+    def spatial_dims(self) -> int: return self.model.spatial_dims
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        "Channel names of the expert-weight maps (experts..., 'foundation'); empty for the baseline."
+        return () if self.model.amalgamation is None else (*self.model.amalgamation.expert_names, "foundation")
+
+    def task_values(self, task: str) -> list[int]:
+        """The label values of `task`'s classes, in vocabulary order: the run's own (its experts' or manifests'), or
+        1..K where the run does not record every one of them (a model built without a run folder)."""
+        if task not in self.tasks:
+            raise AmalgamError(f"task {task!r}: not one of this model's tasks {list(self.tasks)}"
+                               f"{did_you_mean(task, self.tasks)}")
+        known = [self.label_values.get(task, {}).get(c) for c in self.tasks[task]]
+        return [int(v) for v in known] if None not in known else list(range(1, len(known) + 1))
+
+    def segment_task(self, image, task: str, progress: bool = False) -> TaskSegmentation:
+        """Automatic mode for every class of `task` at once, as nnU-Net answers: one label map with the task's label
+        values (each voxel the most probable class whose probability exceeds 0.5, else 0) and per-class probabilities.
+        Window encodings are cached, so the classes share one pass of the experts and the foundation."""
+        values, classes = self.task_values(task), self.tasks[task]
+        each = [self.segment(image, task=f"{task}:{c}", return_probability=True, progress=progress) for c in classes]
+        probs = np.stack([r.probability for r in each])
+        return TaskSegmentation(label_map(probs, values), probs, list(classes), values)
+
+    def check_task(self, task: str) -> int:
+        "Class-token index of `task` ('task:class', or a task with one class); an `AmalgamError` for an unknown or ambiguous name."
+        if not isinstance(task, str) or not task: raise AmalgamError(f"task: expected a name like 'task:class', got {task!r}")
+        return self.model.class_index(task)
+
+    def segment(self, image, points=None, point_labels=None, box=None, task: str | None = None,
+                return_probability: bool = False, return_weights: bool = False, progress: bool = False,
+                mask_input=None) -> SegmentationResult:
+        """Segment one volume `C x *spatial` (raw intensities, tensor axis order) from clicks (`N x 3` voxel coordinates, labels 1/0,
+        default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task` ('task:class'; alone: automatic mode).
+        `mask_input`: logits `*spatial` of a previous prediction to refine (SAM's mask input; e.g. `logit(result.probability)`)."""
+        x = _as_volume(image, self.model.foundation.in_channels)
+        mask_input = _mask_input(mask_input, x.shape[1:])
+        points, point_labels, box = _check_prompt_arrays(points, point_labels, box, x.shape[1:])
+        cls = self.check_task(task) if task is not None else None
+        if points is None and box is None and cls is None: raise AmalgamError("segment: no prompt; give points, a box, or a task for automatic mode")
+        return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
+        if self.spatial_dims == 3:
+            out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls, mask_input)], return_weights, progress, x)[0]
+            return _result(self, out, return_probability, return_weights)
+        boxes, clicks = {}, {}
+        if box is not None:
+            for z in range(int(np.ceil(box[0, 0])), int(np.floor(box[1, 0])) + 1): boxes[z] = box[:, 1:]
+        if points is not None:
+            for z in np.unique(np.rint(points[:, 0]).astype(int)):
+                on = np.rint(points[:, 0]).astype(int) == z
+                clicks[int(z)] = (points[on, 1:], point_labels[on])
+        return self.segment_slices(x, boxes, clicks, task, return_probability, return_weights, progress,
+                                   slices_all=cls is not None, mask_input=mask_input)
+
+    def segment_slices(self, image, boxes: Mapping[int, np.ndarray] | None = None,
+                       points: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None, task: str | None = None,
+                       return_probability: bool = False, return_weights: bool = False, progress: bool = False,
+                       slices_all: bool | None = None, mask_input=None) -> SegmentationResult:
+        """2D models: segment a volume slice by slice along its first spatial axis with per-slice prompts: `boxes` {slice: 2 x 2 box
+        (row, col)}, `points` {slice: (N x 2 coordinates, N labels)}; a `task` prompts every slice (automatic mode) unless
+        `slices_all=False`, when it only conditions the prompted slices. Slices without any prompt are background. `mask_input`:
+        logits of a previous prediction of the volume (`*spatial`); each prompted slice gets its own slice as mask input."""
+        if self.spatial_dims != 2: raise AmalgamError("segment_slices: this is a 3D model; use segment with 3D prompts")
+        x = _as_volume(image, self.model.foundation.in_channels)
+        n, plane = x.shape[1], tuple(x.shape[2:])
+        mask_input = _mask_input(mask_input, x.shape[1:])
+        cls = self.check_task(task) if task is not None else None
+        return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
+        items: list[_Prompt | None] = [None] * n
+        slices_all = cls is not None if slices_all is None else slices_all
+        keys = set(boxes or {}) | set(points or {})
+        for z in keys:
+            if not isinstance(z, (int, np.integer)) or not 0 <= z < n: raise AmalgamError(f"slice index {z!r}: outside 0..{n - 1}")
+        for z in range(n) if slices_all else sorted(keys):
+            pts, lab = (points or {}).get(z, (None, None))
+            try: pts, lab, b = _check_prompt_arrays(pts, lab, (boxes or {}).get(z), plane)
+            except AmalgamError as e: raise AmalgamError(f"slice {z}: {e}") from None
+            items[z] = _Prompt(pts, lab, b, cls, None if mask_input is None else mask_input[z])
+        if not any(items) and not return_weights: raise AmalgamError("segment_slices: no prompt on any slice; give boxes, points or a task")
+        out = _infer(self, x.permute(1, 0, 2, 3), items, return_weights, progress, x)
+        return _result(self, out.permute(1, 0, 2, 3), return_probability, return_weights)
 
 # %% ../nbs/12_infer.ipynb
 EVAL_MODES = ("auto", "box", "click1", "click3")
