@@ -23,14 +23,15 @@ from .experts import SMOKE_TRAINER, TAPS, Expert, ExpertBank, NnUNetPaths, train
 from .infer import EVAL_MODES, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
-from .metrics import case_metrics
+from .metrics import case_metrics, stratified_bootstrap_ci
 from .model import KA2ERConfig
 from .train import TrainConfig, train
 
 # %% auto 0
 __all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'same_as_full', 'expert_bank', 'expert_precision',
            'sub_bank', 'data_root', 'pretrained_foundation', 'train_variant', 'task_labels', 'evaluate_model',
-           'evaluate_experts', 'slice_boxes', 'evaluate_litemedsam', 'paired_comparison', 'overlay_figure']
+           'evaluate_experts', 'slice_boxes', 'evaluate_litemedsam', 'paired_comparison', 'claim_verdicts',
+           'overlay_figure']
 
 # %% ../nbs/17_experiments.ipynb
 @dataclass
@@ -334,6 +335,33 @@ def paired_comparison(records: Sequence[dict], a: tuple[str, str], b: tuple[str,
                      "mean_a": float(np.nanmean([ra[k] for k in keys])), "mean_b": float(np.nanmean([rb[k] for k in keys])),
                      "diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "verdict": verdict})
     return rows
+
+# %% ../nbs/17_experiments.ipynb
+def claim_verdicts(records: Sequence[dict], n_boot: int = 2000, seed: int = 0, margin: float = 0.02,
+                   gain: float = 0.03, q2_tasks: int = 3, q2_mode: str = "box@slices") -> dict:
+    """Q1, Q1b and Q2 (see above) from evaluation `records`: per question the rule, the per-task comparisons it
+    reads and `holds` (True, False, or None when its methods were not evaluated). `q2_mode`: the mode LiteMedSAM
+    was scored in (`box@slices`, or `box` for whole volumes)."""
+    compare = lambda a, b: paired_comparison(records, a, b, n_boot=n_boot, seed=seed)
+    q1, q1b, q2 = (compare(("ka2er", "auto"), ("expert", "auto")), compare(("ka2er", "auto"), ("baseline", "auto")),
+                   compare(("ka2er", q2_mode), ("LiteMedSAM", q2_mode)))
+    table = lambda rows, ok: {r["task"]: {k: r[k] for k in ("diff", "lo", "hi", "n", "verdict")} | {"pass": ok(r)}
+                              for r in rows}
+    out = {"Q1": {"rule": f"KA2ER auto - expert auto: 95% CI lower bound >= -{margin} on every task",
+                  "tasks": table(q1, lambda r: r["lo"] >= -margin)},
+           "Q2": {"rule": f"KA2ER {q2_mode} better than LiteMedSAM {q2_mode} (CI > 0) on >= {q2_tasks} tasks",
+                  "tasks": table(q2, lambda r: r["verdict"] == "better")}}
+    out["Q1"]["holds"] = all(t["pass"] for t in out["Q1"]["tasks"].values()) if q1 else None
+    out["Q2"]["holds"] = sum(t["pass"] for t in out["Q2"]["tasks"].values()) >= q2_tasks if q2 else None
+    index = lambda m: {(r["task"], r["case_id"], r["class"]): r["dice"] for r in records if (r["method"], r["mode"]) == m}
+    ka, base = index(("ka2er", "auto")), index(("baseline", "auto"))
+    diffs = {r["task"]: [ka[k] - base[k] for k in sorted(ka) if k in base and k[0] == r["task"]] for r in q1b}
+    pooled = stratified_bootstrap_ci(diffs, n_boot=n_boot, seed=seed) if diffs else None
+    out["Q1b"] = {"rule": f"KA2ER auto - baseline auto, mean over tasks >= +{gain} with a 95% CI excluding 0 "
+                          "(cases resampled within each task)",
+                  "tasks": table(q1b, lambda r: r["diff"] > 0), "mean_over_tasks": pooled,
+                  "holds": None if pooled is None else pooled["mean"] >= gain and pooled["lo"] > 0}
+    return {k: out[k] for k in ("Q1", "Q1b", "Q2")}
 
 # %% ../nbs/17_experiments.ipynb
 def overlay_figure(image2d: np.ndarray, gt2d: np.ndarray, masks: Mapping[str, np.ndarray], title: str = ""):

@@ -16,7 +16,8 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surf
 from .config import AmalgamError, rng
 
 # %% auto 0
-__all__ = ['case_metrics', 'class_metrics', 'bootstrap_ci', 'summarize', 'per_class_table', 'dice_ci_figure']
+__all__ = ['case_metrics', 'class_metrics', 'bootstrap_ci', 'stratified_bootstrap_ci', 'summarize', 'per_class_table',
+           'dice_ci_figure']
 
 # %% ../nbs/13_metrics.ipynb
 def _binary(a, name: str) -> np.ndarray:
@@ -85,6 +86,22 @@ def bootstrap_ci(values: Sequence[float],  # one value per case (nan or None: un
                  n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
     "Mean and percentile-bootstrap `1 - alpha` CI over cases: `{'mean', 'lo', 'hi', 'n', 'n_nan'}` (`n` counts the non-nan cases)."
     return _bootstrap(values, n_boot, alpha, rng(seed, "bootstrap"))
+
+# %% ../nbs/13_metrics.ipynb
+def stratified_bootstrap_ci(groups: Mapping[str, Sequence[float]],  # group (task) -> one value per case (nan: left out)
+                            n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """Mean over groups of each group's mean, with a percentile-bootstrap `1 - alpha` CI that resamples cases within
+    each group: `{'mean', 'lo', 'hi', 'n_groups', 'n'}` (`n`: the non-nan cases of every group)."""
+    gen = rng(seed, "stratified-bootstrap")
+    values = {g: np.asarray(v, float) for g, v in groups.items()}
+    values = {g: v[~np.isnan(v)] for g, v in values.items()}
+    empty = sorted(g for g, v in values.items() if not v.size)
+    if empty or not values: raise AmalgamError(f"stratified_bootstrap_ci: groups {empty or 'none'} have no values")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1): raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
+    reps = np.mean([v[gen.integers(0, v.size, size=(n_boot, v.size))].mean(1) for v in values.values()], axis=0)
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return dict(mean=float(np.mean([v.mean() for v in values.values()])), lo=float(lo), hi=float(hi),
+                n_groups=len(values), n=int(sum(v.size for v in values.values())))
 
 # %% ../nbs/13_metrics.ipynb
 def summarize(records: Sequence[Mapping],  # one dict per case and class, with the `by` keys and the metric values

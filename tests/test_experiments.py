@@ -60,6 +60,8 @@ def test_train_evaluate_ablate_and_reproduce(bench):
     n_classes = 3 + 3  # ct_abdomen: liver, spleen, kidney; mr_cardiac: three structures; one test case each
     assert sum(1 for r in ev["records"] if (r["method"], r["mode"]) == ("ka2er", "auto")) == n_classes
     assert {c["b"] for c in ev["comparisons"]} >= {"expert auto", "baseline auto", "LiteMedSAM box@slices"}
+    assert {q: set(c["tasks"]) for q, c in ev["claims"].items()} == {q: {"ct_abdomen", "mr_cardiac"} for q in ("Q1", "Q1b", "Q2")}
+    assert all(isinstance(c["holds"], bool) for c in ev["claims"].values())  # every method was evaluated: a verdict each
     first = (bench["root"] / "reports" / "evaluate" / "metrics.json").read_bytes()
 
     st, _ = _run(bench, "distill.ipynb", "distill", steps=2, modes=["auto"], n_boot=50, timing_cases=1)
