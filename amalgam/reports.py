@@ -22,9 +22,9 @@ import yaml
 from .config import AmalgamError, atomic_dir, atomic_write, did_you_mean, provenance, repo_root, write_json
 
 # %% auto 0
-__all__ = ['REPORT_WRITER', 'THIRD_PARTY_MODULES', 'VERDICT_OPPONENTS', 'HEADLINES', 'setup_plotly', 'check_offline',
-           'load_params', 'notebook_parameters', 'check_parameters', 'resolve_manifests', 'report_provenance',
-           'check_out_dir', 'run_notebook', 'render_html', 'render_index']
+__all__ = ['REPORT_WRITER', 'THIRD_PARTY_MODULES', 'VERDICT_OPPONENTS', 'CLAIM_SAID', 'HEADLINES', 'setup_plotly',
+           'check_offline', 'load_params', 'notebook_parameters', 'check_parameters', 'resolve_manifests',
+           'report_provenance', 'check_out_dir', 'run_notebook', 'render_html', 'render_index']
 
 # %% ../nbs/15_reports.ipynb
 def setup_plotly() -> None:
@@ -267,12 +267,22 @@ def _against(comparisons: list[dict], method: str) -> list[dict]:
 
 VERDICT_OPPONENTS = ("expert", "baseline", "LiteMedSAM")  # the columns of the evaluation's verdict table
 
+CLAIM_SAID = {True: "holds", False: "fails", None: "not measured"}
+
+def _claims_line(m: dict) -> str:
+    "The claim's verdicts (`claim_verdicts`) in one line, e.g. `Q1 fails · Q1b holds · Q2 fails`; '' without them."
+    claims = m.get("claims") if isinstance(m.get("claims"), dict) else {}
+    return " · ".join(f"{q} {CLAIM_SAID.get(c.get('holds'), '—')}" for q, c in claims.items() if isinstance(c, dict))
+
 def _evaluate_headline(m: dict) -> str:
-    "The verdict table: per task, KA²ER against each opponent; cells `KA²ER Dice vs theirs: verdict`."
+    """The claim's verdicts, then the verdict table: per task, KA²ER against each opponent; cells `KA²ER Dice vs
+    theirs: verdict`."""
     comps = _ka2er_comparisons(m)
     cols = {o: _against(comps, o) for o in VERDICT_OPPONENTS}
     tasks = sorted({str(c.get("task")) for rows in cols.values() for c in rows})
-    if not tasks: return "—"
+    claims = _claims_line(m)
+    claims = f"<div><b>{html.escape(claims)}</b></div>" if claims else ""
+    if not tasks: return claims or "—"
     label = lambda o, rows: f"{rows[0].get('a')} vs {rows[0].get('b')}" if rows else f"vs {o}"
     head = "".join(f"<th>{html.escape(label(o, rows))}</th>" for o, rows in cols.items())
     def cell(rows, task):
@@ -284,7 +294,7 @@ def _evaluate_headline(m: dict) -> str:
                 f"<b>{html.escape(str(c.get('verdict', '—')))}</b></td>")
     row = lambda t: f"<tr><td>{html.escape(t)}</td>" + "".join(cell(rows, t) for rows in cols.values()) + "</tr>"
     body = "".join(row(t) for t in tasks)
-    return f"<table class='verdicts'><tr><th>task (mean Dice)</th>{head}</tr>{body}</table>"
+    return f"{claims}<table class='verdicts'><tr><th>task (mean Dice)</th>{head}</tr>{body}</table>"
 
 def _ablations_headline(m: dict) -> str:
     "Per variant: full KA²ER minus the variant (mean over tasks), and on how many tasks it is better or worse."
