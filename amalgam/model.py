@@ -117,11 +117,6 @@ def zscore(x: Tensor, eps: float = 1e-5) -> Tensor:
     return (x - mean) / (std + eps)
 
 @dataclass(eq=False)
-class _CheckedPrompts(Prompts):
-    "Prompts that `KA2ER.forward` has validated against the whole batch, so the prompt encoder need not check them again (each check reads values back from the device)."
-    def validate(self, *args, **kwargs) -> "_CheckedPrompts": return self
-
-@dataclass(eq=False)
 class KA2EROutput:
     "What `KA2ER.forward` returns."
     masks: Tensor  # B x M x *input mask logits at full input resolution (M = num_multimask_outputs, or 1)
@@ -201,9 +196,7 @@ class KA2ER(nn.Module):
     def decode(self, features: Sequence[Tensor], prompts: Prompts, multimask_output: bool = True) -> tuple[Tensor, Tensor]:
         "Prompt encoder + mask decoder on image features (one map per foundation stride): masks `B x M x *input`, IoU `B x M`."
         image_size, grid = tuple(features[0].shape[2:]), tuple(features[self.decoder.embed_index].shape[2:])
-        checked = isinstance(prompts, _CheckedPrompts)
         prompts = prompts.to(features[0].device)
-        if checked: prompts = _CheckedPrompts(**prompts.given())
         sparse, dense = self.prompt_encoder(prompts, image_size, grid)
         return self.decoder(features, self.prompt_encoder.dense_pe(grid), sparse, dense, multimask_output)
 
@@ -217,11 +210,7 @@ class KA2ER(nn.Module):
                 expert_stats: Mapping[str, Tensor] | None = None,  # expert name -> B x C x 2 volume (mean, std)
                ) -> KA2EROutput:
         self.foundation.check_input(image)
-        b, spatial = image.shape[0], tuple(image.shape[2:])
-        prompts = self._prompts(prompts, task, b)
-        grid = tuple(s // self.decoder.embed_stride for s in spatial)
-        prompts.validate(spatial, batch_size=b, num_classes=len(self.class_names), mask_shape=self.prompt_encoder.mask_input_size(grid))
-        prompts = _CheckedPrompts(**prompts.given())
+        prompts = self._prompts(prompts, task, image.shape[0])  # the prompt tensors are checked where they enter (Prompts.validate)
         if expert_features is not None and self.experts is None:
             raise AmalgamError("KA2ER.forward: expert_features given to the baseline model, which has no experts")
         if expert_features is not None and expert_stats is not None:

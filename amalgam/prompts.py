@@ -230,10 +230,11 @@ class PromptEncoder(nn.Module):
         return torch.where(none, self.not_a_point_embed.weight, self.class_embed(classes.clamp(min=0))[:, None])
 
     def forward(self, prompts: Prompts, image_size: Sequence[int], grid_size: Sequence[int]) -> tuple[Tensor, Tensor]:
-        "Validate and embed `prompts` for an image of spatial `image_size` whose embedding grid is `grid_size`: (sparse `B x N x D`, dense `B x D x *grid_size`)."
+        """Embed `prompts` for an image of spatial `image_size` whose embedding grid is `grid_size`: (sparse
+        `B x N x D`, dense `B x D x *grid_size`). The prompts are checked where they enter (`Prompts.validate`, called
+        by `Segmenter` and `BatchStream`), not here."""
         if len(image_size) != self.spatial_dims or len(grid_size) != self.spatial_dims:
             raise AmalgamError(f"image_size {tuple(image_size)} / grid_size {tuple(grid_size)}: expected {self.spatial_dims} spatial dimensions")
-        prompts.validate(image_size, num_classes=self.num_classes, mask_shape=self.mask_input_size(grid_size))
         b, w = prompts.batch_size, self.no_mask_embed.weight
         tokens = [w.new_zeros(b, 0, self.embed_dim)]
         if prompts.points is not None:

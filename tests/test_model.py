@@ -313,21 +313,31 @@ def test_pretrained_foundation(tmp_path):
     (lambda m: m(image()[..., :80], clicks()), r"not divisible by 32"),
     (lambda m: m(image()[:, :, None], clicks()), "expected 4 dims"),
     (lambda m: m(torch.cat([image(), image()], 1), clicks()), "expected 1 channel"),
-    (lambda m: m(image(), Prompts(points=torch.zeros(2, 1, 3), point_labels=torch.ones(2, 1, dtype=torch.long))), "image is 2D"),
-    (lambda m: m(image(), Prompts(points=torch.tensor([[[64.0, 0.0]]] * 2), point_labels=torch.ones(2, 1, dtype=torch.long))),
-     r"points\[0, 0\] = \[64.0, 0.0\]: outside the image of spatial shape \(64, 96\)"),
-    (lambda m: m(image(), clicks(b=1)), "batch size 1 but the image batch has 2"),
-    (lambda m: m(image(), Prompts(masks=torch.zeros(2, 1, 8, 12))), r"expects mask prompts of shape \(16, 24\)"),
     (lambda m: m(image()), "no prompts and no task"),
     (lambda m: m(image(), task="ct_abdomen"), "ambiguous"),
     (lambda m: m(image(), task="ct_abdomen:lvier"), "did you mean 'ct_abdomen:liver'"),
     (lambda m: m(image(), task=["ct_lung"] * 3), "3 task names for a batch of 2"),
     (lambda m: m(image(), Prompts(classes=torch.tensor([0, 1])), task="ct_lung"), "class is given twice"),
-    (lambda m: m(image(), Prompts(classes=torch.tensor([0, 3]))), r"classes\[1\] = 3: out of range"),
 ])
 def test_bad_input_fails_clearly(model2d, call, match):
     with pytest.raises(AmalgamError, match=match):
         call(model2d)
+
+
+@pytest.mark.parametrize("prompts,match", [
+    (Prompts(points=torch.zeros(2, 1, 3), point_labels=torch.ones(2, 1, dtype=torch.long)), "image is 2D"),
+    (Prompts(points=torch.tensor([[[64.0, 0.0]]] * 2), point_labels=torch.ones(2, 1, dtype=torch.long)),
+     r"points\[0, 0\] = \[64.0, 0.0\]: outside the image of spatial shape \(64, 96\)"),
+    (clicks(b=1), "batch size 1 but the image batch has 2"),
+    (Prompts(masks=torch.zeros(2, 1, 8, 12)), r"expects mask prompts of shape \(16, 24\)"),
+    (Prompts(classes=torch.tensor([0, 3])), r"classes\[1\] = 3: out of range"),
+])
+def test_bad_prompts_fail_clearly_at_the_boundary(model2d, prompts, match):
+    "What `Segmenter` and `BatchStream` check before a batch reaches the model (its forward does math only)."
+    grid = tuple(s // model2d.decoder.embed_stride for s in image().shape[2:])
+    with pytest.raises(AmalgamError, match=match):
+        prompts.validate(tuple(image().shape[2:]), batch_size=len(image()), num_classes=len(model2d.class_names),
+                         mask_shape=model2d.prompt_encoder.mask_input_size(grid))
 
 
 def test_inconsistent_parts_fail_clearly():
@@ -377,14 +387,15 @@ def test_precomputed_expert_features_give_the_same_output(model2d):
         build_model(config(), None)(x, clicks(), expert_features=feats)
 
 
-def test_prompts_are_validated_once_per_forward(model2d, monkeypatch):
+def test_forward_leaves_prompt_checks_to_the_boundary(model2d, monkeypatch):
+    "Checking prompt values reads them back from the device: `Segmenter` and `BatchStream` do it once, forward never."
     calls = []
     real = Prompts.validate
     monkeypatch.setattr(Prompts, "validate", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
-    with torch.no_grad(): model2d(image(), clicks())
-    assert len(calls) == 1 and calls[0]["batch_size"] == 2
-    with torch.no_grad(): model2d.decode(model2d.foundation(zscore(image())), clicks())  # decode alone still checks its prompts
-    assert len(calls) == 2
+    with torch.no_grad():
+        model2d(image(), clicks())
+        model2d.decode(model2d.foundation(zscore(image())), clicks())
+    assert calls == []
 
 
 def test_expert_features_are_freed_before_the_decoder(model2d, monkeypatch):

@@ -170,10 +170,11 @@ BAD_PROMPTS = [
 
 
 @pytest.mark.parametrize("prompts,match", BAD_PROMPTS)
-def test_bad_prompts_fail_clearly(prompts, match):
+def test_bad_prompts_fail_clearly_at_the_boundary(prompts, match):
+    "`Prompts.validate`, which `Segmenter` and `BatchStream` call where prompts enter; the encoder's forward does math only."
     enc, _ = parts(3)
     with pytest.raises(AmalgamError, match=match):
-        enc(prompts, SHAPE3, (1, 1, 1))
+        prompts.validate(SHAPE3, num_classes=enc.num_classes, mask_shape=enc.mask_input_size((1, 1, 1)))
 
 
 def test_prompt_batch_must_match_image_batch():
