@@ -1,5 +1,7 @@
 """Scans in the formats `amalgam predict` reads besides NIfTI, written with SimpleITK: NRRD/MHA files and DICOM series
 (one file per slice with the position, orientation and spacing tags a scanner writes)."""
+import contextlib
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,20 @@ def itk_image(data_xyz, affine_ras) -> sitk.Image:
     return img
 
 
+@contextlib.contextmanager
+def kept_locale():
+    "Restore the process's locale afterwards: GDCM's DICOM writer sets the C locale, and with it ASCII as Python's default encoding."
+    saved = locale.setlocale(locale.LC_ALL)
+    try: yield
+    finally: locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(img: sitk.Image, folder: Path, uid: str = "1.2.826.0.1.3680043.2.1125.9001") -> Path:
     "`img` (integer voxels) as a DICOM series of series UID `uid` in `folder`, one file per slice."
+    with kept_locale(): return _write_dicom_series(img, folder, uid)
+
+
+def _write_dicom_series(img: sitk.Image, folder: Path, uid: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     w, d = sitk.ImageFileWriter(), img.GetDirection()
     w.KeepOriginalImageUIDOn()
