@@ -557,6 +557,20 @@ def _itk_to_nifti(img, path: Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0)),
                            np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
 
+def _itk_reason(e: RuntimeError) -> str:
+    "The last line of an ITK exception (the one that says what went wrong), or its type when it says nothing."
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+def _itk_header(file: Path, where: Path):
+    "A SimpleITK reader of `file` with its header read (size, components), its voxels not yet."
+    import SimpleITK as sitk
+    head = sitk.ImageFileReader()
+    head.SetFileName(str(file))
+    try: head.ReadImageInformation()
+    except RuntimeError as e: raise AmalgamError(f"{where}: unreadable image ({_itk_reason(e)})") from None
+    return head
+
 def read_scan(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
     """A scan as a NIfTI image (RAS+ world, the array in `x, y, z` order): a NIfTI file as nibabel opens it (its data
     are read later, and only if its header passes); an NRRD/MHA/MHD file or a DICOM series folder read by SimpleITK,
@@ -570,12 +584,10 @@ def read_scan(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> nib.Nift
                                "give a folder that holds one series")
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
-        head = sitk.ImageFileReader(); head.SetFileName(reader.GetFileNames()[0]); head.ReadImageInformation()
+        head = _itk_header(Path(reader.GetFileNames()[0]), path)
         size = (*head.GetSize()[:2], len(reader.GetFileNames()))
     elif path.is_file() and path.name.lower().endswith(ITK_SUFFIXES):
-        reader = head = sitk.ImageFileReader(); reader.SetFileName(str(path))
-        try: head.ReadImageInformation()
-        except RuntimeError as e: raise AmalgamError(f"{path}: unreadable image ({str(e).strip().splitlines()[-1]})") from None
+        reader = head = _itk_header(path, path)
         size = head.GetSize()
     elif path.is_file():
         try: return nib.load(path)
@@ -587,7 +599,7 @@ def read_scan(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> nib.Nift
                            f"over the limit of {max_voxels} (raise it with --max-voxels if the image is really that large)")
     try: img = reader.Execute()
     except RuntimeError as e:
-        raise AmalgamError(f"{path}: cannot read the image data ({str(e).strip().splitlines()[-1]})") from None
+        raise AmalgamError(f"{path}: cannot read the image data ({_itk_reason(e)})") from None
     return _itk_to_nifti(img, path)
 
 def load_volume(path: str | os.PathLike, config: DataConfig, in_channels: int = 1, task: str | None = None,
