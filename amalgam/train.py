@@ -36,9 +36,9 @@ from .prompts import LayerNormChannels, Prompts
 # %% auto 0
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
            'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'multimask_for', 'best_mask',
-           'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'mask_teacher_targets',
-           'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state', 'config_diff',
-           'read_run_config', 'run_manifests', 'read_metrics', 'train', 'expert_folder', 'load_run']
+           'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'click_rounds',
+           'mask_teacher_targets', 'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state',
+           'config_diff', 'read_run_config', 'run_manifests', 'read_metrics', 'train', 'expert_folder', 'load_run']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -58,7 +58,7 @@ class TrainConfig(DictConfig):
     amp: str = "auto"  # "auto": bf16 autocast on CUDA devices that support it; "bf16": always (also CPU); "off"
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always checkpointed)
     log_every: int = 10  # steps between metrics.jsonl lines (the last step is always logged)
-    corrective_clicks: int = 1  # SAM-style: points batches get up to this many extra clicks from the error of a no-grad pass
+    corrective_clicks: int = 1  # SAM-style: a points batch gets 0 ... this many extra clicks from a no-grad pass's error (`click_rounds`)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun each rank uses cuda:LOCAL_RANK when this is CUDA
     seed: int = 0  # global RNGs and the corrective-click streams
 
@@ -256,11 +256,19 @@ def _multimask(prompts: Prompts, ctx: DistContext) -> bool:
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
-def _corrective_prompts(s: StepContext, batch: Batch, prompts: Prompts, feats, step: int) -> Prompts:
-    "`corrective_clicks` rounds (as many on every rank, for DDP's collectives) of: predict without gradients, click into each element's largest error (a padding entry where there is none), feed the logits back as a mask prompt."
+def click_rounds(config: TrainConfig, step: int) -> int:
+    """How many corrective rounds a points batch of `step` gets: drawn uniformly from 0 ... `corrective_clicks`, as
+    RITM's iterative training draws them, from the seed and the step alone (the same on every rank, for DDP's
+    collectives). Round 0 trains a user's first interaction, clicks with no mask prompt; a fixed number of rounds
+    never trains it, and the click1 evaluation scores exactly that."""
+    return int(rng(config.seed, "click-rounds", step).integers(0, config.corrective_clicks + 1))
+
+def _corrective_prompts(s: StepContext, batch: Batch, prompts: Prompts, feats, step: int, rounds: int) -> Prompts:
+    """`rounds` rounds of: predict without gradients, click into each element's largest error (a padding entry where
+    there is none), feed the logits back as a mask prompt."""
     gens = [rng(s.config.seed, "click", step, s.dist.rank + s.dist.world_size * i) for i in range(len(batch.task))]  # global element index
     target = batch.target[:, 0] > 0.5
-    for _ in range(s.config.corrective_clicks):
+    for _ in range(rounds):
         with torch.no_grad(), autocast(s.config, s.dist.device):
             out = s.module(batch.image, prompts, multimask_output=_multimask(prompts, s.dist), expert_features=feats)
         logits = best_mask(out.masks.float(), out.iou.float())
@@ -300,7 +308,8 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     teacher, has_teacher, teacher_weight = teacher_targets(batch, logits, teachers, s.experts_of, c.kd_temperature,
                                                            c.kd_confidence)
     prompts = batch.prompts.to(s.dist.device)
-    if batch.mode == "points" and s.config.corrective_clicks: prompts = _corrective_prompts(s, batch, prompts, feats, step)
+    if batch.mode == "points":
+        prompts = _corrective_prompts(s, batch, prompts, feats, step, click_rounds(s.config, step))
     multimask = _multimask(prompts, s.dist)  # one collective under DDP, for the teacher and the model alike
     if s.teacher_model is not None and c.kd_weight > 0:  # a student: its teacher answers the final prompts
         with autocast(s.config, s.dist.device):
