@@ -31,7 +31,8 @@ __all__ = ['PROMPT_MODES', 'MAX_LOCATIONS', 'DataConfig', 'task_classes', 'class
 PROMPT_MODES = ("auto", "box", "points")
 
 def _unknown_keys(cls_name: str, given: Sequence[str], known: Sequence[str]) -> str:
-    return f"{cls_name}: unknown key(s) {', '.join(f'{k!r}{did_you_mean(k, known)}' for k in given)}; known keys: {list(known)}"
+    return (f"{cls_name}: unknown key(s) {', '.join(f'{k!r}{did_you_mean(k, known)}' for k in given)}; "
+            f"known keys: {list(known)}")
 
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -41,55 +42,73 @@ class DataConfig(DictConfig):
     spatial_dims: int = 2  # 2: slices along the first spatial axis; 3: volumes
     patch_size: tuple = (64, 64)  # tensor axis order; multiples of 32, one per spatial dimension
     orientation: str | None = "RAS"  # MONAI axcodes every volume is reoriented to (None: keep the file's voxel order)
-    pixdim: dict[str, list[float]] | None = None  # task -> working spacing in mm (tensor axis order); missing tasks keep their native spacing
+    # task -> working spacing in mm (tensor axis order); missing tasks keep their native spacing
+    pixdim: dict[str, list[float]] | None = None
     batch_size: int = 4  # global batch size (split across ranks)
     # probability that an auto-mode patch is centred on a voxel of its class (else anywhere); nnU-Net's foreground
     # oversampling. Automatic mode is scored on whole volumes, mostly background, so it must also see empty patches.
     pos_fraction: float = 0.33
     augment: bool = True  # flips and in-plane 90° rotations (intensities are left as the experts were trained on them)
-    prompt_modes: dict[str, float] = field(default_factory=lambda: {"auto": 0.4, "box": 0.3, "points": 0.3})  # batch prompt-mode probabilities (normalised)
+    # batch prompt-mode probabilities (normalised)
+    prompt_modes: dict[str, float] = field(default_factory=lambda: {"auto": 0.4, "box": 0.3, "points": 0.3})
     max_points: int = 3  # clicks per element in points mode (1..max_points, at least one positive)
     box_jitter: float = 0.1  # each box edge moves outward by up to this fraction of the box size (MedSAM)
     seed: int = 0
 
     def __post_init__(self):
         name = "DataConfig"
-        if self.spatial_dims not in (2, 3) or not _is_int(self.spatial_dims): raise AmalgamError(f"{name}.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
+        if self.spatial_dims not in (2, 3) or not _is_int(self.spatial_dims):
+            raise AmalgamError(f"{name}.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         try: self.patch_size = tuple(int(p) for p in self.patch_size)
-        except (TypeError, ValueError): raise AmalgamError(f"{name}.patch_size: expected a sequence of integers, got {self.patch_size!r}") from None
+        except (TypeError, ValueError):
+            raise AmalgamError(f"{name}.patch_size: expected a sequence of integers, "
+                               f"got {self.patch_size!r}") from None
         if len(self.patch_size) != self.spatial_dims:
-            raise AmalgamError(f"{name}.patch_size {self.patch_size}: expected {self.spatial_dims} sizes for spatial_dims={self.spatial_dims} (e.g. {(64,) * self.spatial_dims})")
+            raise AmalgamError(f"{name}.patch_size {self.patch_size}: expected {self.spatial_dims} sizes for "
+                               f"spatial_dims={self.spatial_dims} (e.g. {(64,) * self.spatial_dims})")
         if any(p < 32 or p % 32 for p in self.patch_size):
-            raise AmalgamError(f"{name}.patch_size {self.patch_size}: every size must be a positive multiple of 32 (SwinUNETR downsamples 5 times)")
+            raise AmalgamError(f"{name}.patch_size {self.patch_size}: every size must be a positive multiple of 32 "
+                               "(SwinUNETR downsamples 5 times)")
         if self.orientation is not None:
             o = str(self.orientation).upper()
             if sorted(next((i for i, ax in enumerate(("LR", "AP", "SI")) if c in ax), -1) for c in o) != [0, 1, 2]:
-                raise AmalgamError(f"{name}.orientation {self.orientation!r}: expected three axis codes, one of L/R, A/P and S/I each (e.g. 'RAS'), or None")
+                raise AmalgamError(f"{name}.orientation {self.orientation!r}: expected three axis codes, one of L/R, "
+                                   "A/P and S/I each (e.g. 'RAS'), or None")
             self.orientation = o
         if self.pixdim is not None:
-            if not isinstance(self.pixdim, Mapping): raise AmalgamError(f"{name}.pixdim: expected a mapping task -> [3 spacings in mm], got {type(self.pixdim).__name__}")
+            if not isinstance(self.pixdim, Mapping):
+                raise AmalgamError(f"{name}.pixdim: expected a mapping task -> [3 spacings in mm], "
+                                   f"got {type(self.pixdim).__name__}")
             out = {}
             for t, s in self.pixdim.items():
                 try: s = [float(v) for v in s]
                 except (TypeError, ValueError): s = []
                 if len(s) != 3 or not all(math.isfinite(v) and v > 0 for v in s):
-                    raise AmalgamError(f"{name}.pixdim[{t!r}]: expected 3 positive spacings in mm (tensor axis order), got {self.pixdim[t]!r}")
+                    raise AmalgamError(f"{name}.pixdim[{t!r}]: expected 3 positive spacings in mm (tensor axis order), "
+                                       f"got {self.pixdim[t]!r}")
                 out[str(t)] = s
             self.pixdim = out
         for k in ("batch_size", "max_points"):
             v = getattr(self, k)
             if not _is_int(v) or v < 1: raise AmalgamError(f"{name}.{k}: expected a positive integer, got {v!r}")
-        if not _is_int(self.seed) or self.seed < 0: raise AmalgamError(f"{name}.seed: expected a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise AmalgamError(f"{name}.seed: expected a non-negative integer, got {self.seed!r}")
         for k in ("pos_fraction", "box_jitter"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1: raise AmalgamError(f"{name}.{k}: expected a number in [0, 1], got {v!r}")
-        if not isinstance(self.augment, bool): raise AmalgamError(f"{name}.augment: expected True or False, got {self.augment!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise AmalgamError(f"{name}.{k}: expected a number in [0, 1], got {v!r}")
+        if not isinstance(self.augment, bool):
+            raise AmalgamError(f"{name}.augment: expected True or False, got {self.augment!r}")
         modes = self.prompt_modes
-        if not isinstance(modes, Mapping) or not modes: raise AmalgamError(f"{name}.prompt_modes: expected a mapping of {list(PROMPT_MODES)} to probabilities, got {modes!r}")
+        if not isinstance(modes, Mapping) or not modes:
+            raise AmalgamError(f"{name}.prompt_modes: expected a mapping of {list(PROMPT_MODES)} to probabilities, "
+                               f"got {modes!r}")
         bad = [m for m in modes if m not in PROMPT_MODES]
         if bad: raise AmalgamError(_unknown_keys(f"{name}.prompt_modes", bad, PROMPT_MODES))
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in modes.values()) or sum(modes.values()) <= 0:
-            raise AmalgamError(f"{name}.prompt_modes {dict(modes)}: weights must be non-negative numbers with a positive sum")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+               for v in modes.values()) or sum(modes.values()) <= 0:
+            raise AmalgamError(f"{name}.prompt_modes {dict(modes)}: weights must be non-negative numbers "
+                               "with a positive sum")
         total = float(sum(modes.values()))
         self.prompt_modes = {m: float(modes[m]) / total for m in PROMPT_MODES if m in modes}
 
@@ -139,17 +158,21 @@ def _header(path: str) -> tuple:
     "(shape, affine) of a NIfTI file without reading its voxels."
     if not Path(path).is_file(): raise AmalgamError(f"{path}: missing file")
     try: img = nib.load(path)
-    except Exception as e: raise AmalgamError(f"{path}: unreadable as NIfTI ({type(e).__name__}: {e})") from e  # nibabel raises many types
+    except Exception as e:  # nibabel raises many types
+        raise AmalgamError(f"{path}: unreadable as NIfTI ({type(e).__name__}: {e})") from e
     return tuple(img.shape), img.affine
 
 def _check_geometry(entry: dict) -> None:
-    "Every channel and the label must share one voxel grid (shape and affine), else no voxel of the label belongs to the image."
+    """Every channel and the label must share one voxel grid (shape and affine), else no voxel of the label belongs to
+    the image."""
     paths = [*entry["images"], entry["label"]]
     (shape0, aff0), p0 = _header(paths[0]), paths[0]
     for p in paths[1:]:
         shape, aff = _header(p)
-        if shape != shape0: raise AmalgamError(f"{p}: shape {shape} differs from {p0} shape {shape0} (image/label shape mismatch)")
-        if not np.allclose(aff, aff0, rtol=1e-4, atol=1e-3): raise AmalgamError(f"{p}: affine differs from {p0} (spacing/origin/direction must match)")
+        if shape != shape0:
+            raise AmalgamError(f"{p}: shape {shape} differs from {p0} shape {shape0} (image/label shape mismatch)")
+        if not np.allclose(aff, aff0, rtol=1e-4, atol=1e-3):
+            raise AmalgamError(f"{p}: affine differs from {p0} (spacing/origin/direction must match)")
     if len(shape0) != 3: raise AmalgamError(f"{p0}: expected a 3D volume, got shape {shape0}")
 
 def _check_label(path: str, label: np.ndarray, labels: Mapping[str, int]) -> None:
@@ -199,11 +222,13 @@ def _load_case(entry: dict, labels: Mapping[str, int], resample: Compose) -> _Ca
 
 # %% ../nbs/08_data.ipynb
 class MultiTaskDataset:
-    "Whole volumes of one split of several tasks, loaded once: `ds[i]` is a dict with `image` (C x *spatial raw float32), `label` (1 x *spatial long), `task`, `case_id`, `affine`, `spacing`, `image_paths`, `label_path`."
+    """Whole volumes of one split of several tasks, loaded once: `ds[i]` is a dict with `image` (C x *spatial raw
+    float32), `label` (1 x *spatial long), `task`, `case_id`, `affine`, `spacing`, `image_paths`, `label_path`."""
     def __init__(self, manifests: Sequence[Manifest | str | os.PathLike], split: str, config: DataConfig,
                  root: str | os.PathLike | None = None):
         "`root`: the nnU-Net raw folder the manifests were materialised into (default: `$nnUNet_raw`)."
-        if not isinstance(config, DataConfig): raise AmalgamError(f"config: expected a DataConfig, got {type(config).__name__}")
+        if not isinstance(config, DataConfig):
+            raise AmalgamError(f"config: expected a DataConfig, got {type(config).__name__}")
         if isinstance(manifests, (str, os.PathLike, Manifest)): manifests = [manifests]
         self.manifests = [_manifest(m) for m in manifests]
         if not self.manifests: raise AmalgamError("manifests: none given")
@@ -211,10 +236,12 @@ class MultiTaskDataset:
         self.tasks = list(self.classes)
         self.split, self.config = split, config
         unknown = sorted(set(config.pixdim or {}) - set(self.tasks))
-        if unknown: raise AmalgamError(_unknown_keys("DataConfig.pixdim", unknown, self.tasks).replace("key(s)", "task(s)"))
+        if unknown:
+            raise AmalgamError(_unknown_keys("DataConfig.pixdim", unknown, self.tasks).replace("key(s)", "task(s)"))
         channels = {m.task: len(m.channel_names) for m in self.manifests}
         if len(set(channels.values())) > 1:
-            raise AmalgamError(f"manifests: tasks have different numbers of image channels {channels}; a batch needs one channel count")
+            raise AmalgamError(f"manifests: tasks have different numbers of image channels {channels}; "
+                               "a batch needs one channel count")
         self._cases: list[_Case] = []
         for m in self.manifests:
             entries = datalist(m, split, nnunet_raw_dir(root) / m.dataset_folder_name)
@@ -232,11 +259,13 @@ class MultiTaskDataset:
 
     def cases_of(self, task: str) -> list[int]:
         "Indices of the cases of `task`."
-        if task not in self.tasks: raise AmalgamError(f"task {task!r}: not in this dataset {self.tasks}{did_you_mean(task, self.tasks)}")
+        if task not in self.tasks:
+            raise AmalgamError(f"task {task!r}: not in this dataset {self.tasks}{did_you_mean(task, self.tasks)}")
         return [i for i, c in enumerate(self._cases) if c.task == task]
 
     def __repr__(self) -> str:
-        return f"MultiTaskDataset({self.split!r}, " + ", ".join(f"{t}: {len(self.cases_of(t))} cases" for t in self.tasks) + ")"
+        return (f"MultiTaskDataset({self.split!r}, "
+                + ", ".join(f"{t}: {len(self.cases_of(t))} cases" for t in self.tasks) + ")")
 
 # %% ../nbs/08_data.ipynb
 def _bool_mask(mask, name: str = "mask") -> np.ndarray:
@@ -249,9 +278,11 @@ def _pick(indices: np.ndarray, n: int, rng_: np.random.Generator) -> np.ndarray:
     return indices[rng_.choice(len(indices), size=n, replace=n > len(indices))]
 
 def sample_points(mask, n_pos: int, n_neg: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    "`n_pos` clicks drawn uniformly inside `mask` and `n_neg` outside it: (coords (n_pos + n_neg) x d float32, labels long 1/0)."
+    """`n_pos` clicks drawn uniformly inside `mask` and `n_neg` outside it: (coords (n_pos + n_neg) x d float32, labels
+    long 1/0)."""
     m = _bool_mask(mask)
-    if n_pos < 0 or n_neg < 0: raise AmalgamError(f"sample_points: n_pos and n_neg must be non-negative, got {n_pos}, {n_neg}")
+    if n_pos < 0 or n_neg < 0:
+        raise AmalgamError(f"sample_points: n_pos and n_neg must be non-negative, got {n_pos}, {n_neg}")
     coords = []
     for n, region, what in ((n_pos, m, "foreground"), (n_neg, ~m, "background")):
         if not n: continue
@@ -262,7 +293,8 @@ def sample_points(mask, n_pos: int, n_neg: int, rng: np.random.Generator) -> tup
     return torch.from_numpy(pts.astype(np.float32)), torch.tensor([1] * n_pos + [0] * n_neg, dtype=torch.long)
 
 def box_from_mask(mask, jitter: float, rng: np.random.Generator | None) -> Tensor:
-    "Box `2 x d` (inclusive min and max voxel corner) around `mask`; with `rng`, each edge moves outward by U(0, `jitter` x box size), clipped to the image (MedSAM)."
+    """Box `2 x d` (inclusive min and max voxel corner) around `mask`; with `rng`, each edge moves outward by
+    U(0, `jitter` x box size), clipped to the image (MedSAM)."""
     m = _bool_mask(mask)
     if not 0 <= jitter <= 1: raise AmalgamError(f"box_from_mask: jitter must be in [0, 1], got {jitter}")
     idx = np.argwhere(m)
@@ -275,16 +307,19 @@ def box_from_mask(mask, jitter: float, rng: np.random.Generator | None) -> Tenso
     return torch.from_numpy(np.stack([lo, hi]).astype(np.float32))
 
 def _interior_point(region: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    "The voxel of `region` farthest from its boundary (image border included); ties: random with `rng`, else the tied voxel nearest their mean (then first in memory order)."
+    """The voxel of `region` farthest from its boundary (image border included); ties: random with `rng`, else the tied
+    voxel nearest their mean (then first in memory order)."""
     dist = ndimage.distance_transform_edt(np.pad(region, 1))[(slice(1, -1),) * region.ndim]
     best = np.argwhere(dist == dist.max())
     if rng is not None: return best[rng.integers(len(best))]
     return best[np.argmin(((best - best.mean(0)) ** 2).sum(1))]
 
 def corrective_click(pred, target, rng: np.random.Generator | None = None) -> tuple[Tensor, int] | None:
-    "Next click for the prediction `pred` of `target`: in the larger error region (false negatives -> label 1, false positives -> 0), at its point farthest from the region's boundary; `None` when `pred` equals `target`."
+    """Next click for the prediction `pred` of `target`: in the larger error region (false negatives -> label 1, false
+    positives -> 0), at its point farthest from the region's boundary; `None` when `pred` equals `target`."""
     p, t = _bool_mask(pred, "pred"), _bool_mask(target, "target")
-    if p.shape != t.shape: raise AmalgamError(f"corrective_click: pred shape {p.shape} differs from target shape {t.shape}")
+    if p.shape != t.shape:
+        raise AmalgamError(f"corrective_click: pred shape {p.shape} differs from target shape {t.shape}")
     fn, fp = t & ~p, p & ~t
     n_fn, n_fp = int(fn.sum()), int(fp.sum())
     if n_fn == 0 and n_fp == 0: return None
@@ -316,18 +351,20 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         "A copy with every tensor on `device`."
-        return dataclasses.replace(self, image=self.image.to(device), label=self.label.to(device), target=self.target.to(device),
-                                   prompts=self.prompts.to(device))
+        return dataclasses.replace(self, image=self.image.to(device), label=self.label.to(device),
+                                   target=self.target.to(device), prompts=self.prompts.to(device))
 
 # %% ../nbs/08_data.ipynb
 def _window(size: int, patch: int, centre: int | None, g: np.random.Generator) -> int:
-    "Start of a `patch`-long window on an axis of `size` voxels: centred on `centre` (or uniform), shifted to stay inside (or to cover a smaller image)."
+    """Start of a `patch`-long window on an axis of `size` voxels: centred on `centre` (or uniform), shifted to stay
+    inside (or to cover a smaller image)."""
     lo, hi = min(0, size - patch), max(0, size - patch)
     start = centre - patch // 2 if centre is not None else int(g.integers(lo, hi + 1))
     return min(max(start, lo), hi)
 
 def _crop(a: np.ndarray, starts: Sequence[int], patch: Sequence[int], fill) -> np.ndarray:
-    "The window of the last len(patch) axes of `a` starting at `starts`, padded with `fill` (per leading index) where it leaves `a`."
+    """The window of the last len(patch) axes of `a` starting at `starts`, padded with `fill` (per leading index) where
+    it leaves `a`."""
     lead, spatial = a.shape[:-len(patch)], a.shape[-len(patch):]
     src = tuple(slice(max(s, 0), min(s + p, n)) for s, p, n in zip(starts, patch, spatial))
     if all(s >= 0 and s + p <= n for s, p, n in zip(starts, patch, spatial)): return a[(..., *src)].copy()
@@ -338,28 +375,35 @@ def _crop(a: np.ndarray, starts: Sequence[int], patch: Sequence[int], fill) -> n
     return out
 
 class BatchStream:
-    "Task-balanced, deterministic, random-access training batches from a `MultiTaskDataset`: `batch(step, rank, world_size)`."
+    """Task-balanced, deterministic, random-access training batches from a `MultiTaskDataset`:
+    `batch(step, rank, world_size)`."""
     def __init__(self, dataset: MultiTaskDataset, config: DataConfig, seed: int | None = None,
                  tasks: Mapping[str, Sequence[str]] | None = None):
-        "`tasks`: the model's class vocabulary (default: the dataset's `task_classes`); it must contain every class of the dataset."
-        if not isinstance(config, DataConfig): raise AmalgamError(f"config: expected a DataConfig, got {type(config).__name__}")
+        """`tasks`: the model's class vocabulary (default: the dataset's `task_classes`); it must contain every class of
+        the dataset."""
+        if not isinstance(config, DataConfig):
+            raise AmalgamError(f"config: expected a DataConfig, got {type(config).__name__}")
         self.dataset, self.config = dataset, config
         self.seed = config.seed if seed is None else seed
-        if not _is_int(self.seed) or self.seed < 0: raise AmalgamError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise AmalgamError(f"seed: expected a non-negative integer, got {self.seed!r}")
         self.vocabulary = {t: list(cs) for t, cs in (tasks if tasks is not None else dataset.classes).items()}
         names = [f"{t}:{c}" for t, cs in self.vocabulary.items() for c in cs]
         missing = [f"{t}:{c}" for t, cs in dataset.classes.items() for c in cs if f"{t}:{c}" not in names]
         if missing: raise AmalgamError(f"tasks: the class vocabulary lacks {missing} of the dataset")
         self._cases = {t: [i for i in dataset.cases_of(t) if dataset._cases[i].locations] for t in dataset.tasks}
         empty = [t for t, cs in self._cases.items() if not cs]
-        if empty: raise AmalgamError(f"dataset: task(s) {empty} have no case with any foreground voxel in split {dataset.split!r}")
+        if empty:
+            raise AmalgamError(f"dataset: task(s) {empty} have no case with any foreground voxel "
+                               f"in split {dataset.split!r}")
         self._names = {t: {v: f"{t}:{n}" for n, v in dataset.labels[t].items() if v} for t in dataset.tasks}
         self._index = {n: i for i, n in enumerate(names)}
         self._modes = list(config.prompt_modes)
         self._mode_p = np.array([config.prompt_modes[m] for m in self._modes])
 
     def task_of(self, element: int) -> str:
-        "Task of global element `element` (= step x batch_size + position): the element-th entry of a chain of seeded task permutations."
+        """Task of global element `element` (= step x batch_size + position): the element-th entry of a chain of seeded
+        task permutations."""
         tasks = self.dataset.tasks
         cycle, pos = divmod(int(element), len(tasks))
         return tasks[rng(self.seed, "tasks", cycle).permutation(len(tasks))[pos]]
@@ -372,14 +416,19 @@ class BatchStream:
         "Batch `step`: elements `rank::world_size` of the global batch of `config.batch_size` elements."
         if not _is_int(step) or step < 0: raise AmalgamError(f"step: expected a non-negative integer, got {step!r}")
         if not _is_int(world_size) or not 1 <= world_size <= self.config.batch_size:
-            raise AmalgamError(f"world_size {world_size!r}: expected 1..batch_size ({self.config.batch_size}) so that every rank gets an element")
-        if not _is_int(rank) or not 0 <= rank < world_size: raise AmalgamError(f"rank {rank!r}: expected 0..{world_size - 1}")
+            raise AmalgamError(f"world_size {world_size!r}: expected 1..batch_size ({self.config.batch_size}) "
+                               "so that every rank gets an element")
+        if not _is_int(rank) or not 0 <= rank < world_size:
+            raise AmalgamError(f"rank {rank!r}: expected 0..{world_size - 1}")
         mode = self.mode_of(step)
         elems = [self._element(step, i, mode) for i in range(rank, self.config.batch_size, world_size)]
         patch = self.config.patch_size
-        if mode == "auto": prompts = Prompts(classes=torch.tensor([self._index[e["class_name"]] for e in elems], dtype=torch.long))
+        if mode == "auto":
+            prompts = Prompts(classes=torch.tensor([self._index[e["class_name"]] for e in elems], dtype=torch.long))
         elif mode == "box": prompts = Prompts(boxes=torch.stack([e["box"] for e in elems]))
-        else: prompts = Prompts(points=torch.stack([e["points"] for e in elems]), point_labels=torch.stack([e["point_labels"] for e in elems]))
+        else:
+            prompts = Prompts(points=torch.stack([e["points"] for e in elems]),
+                              point_labels=torch.stack([e["point_labels"] for e in elems]))
         prompts.validate(patch, batch_size=len(elems), num_classes=len(self._index))
         label = torch.from_numpy(np.stack([e["label"] for e in elems]))[:, None]
         values = torch.tensor([e["class_value"] for e in elems]).view(-1, *(1,) * (len(patch) + 1))
@@ -417,7 +466,8 @@ class BatchStream:
         starts = [_window(n, p, c, g) for n, p, c in zip(spatial, patch, centre)]
         return _crop(img, starts, patch, case.channel_min), _crop(lab[0], starts, patch, 0)
 
-    def _augment(self, case: _Case, image: np.ndarray, label: np.ndarray, g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _augment(self, case: _Case, image: np.ndarray, label: np.ndarray,
+                 g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         d = label.ndim
         flips = [ax for ax in range(d) if g.random() < 0.5]
         if flips: image, label = np.flip(image, [1 + a for a in flips]), np.flip(label, flips)
@@ -434,4 +484,5 @@ class BatchStream:
         n_neg = min(n - n_pos, int(target.size - target.sum()))
         pts, lab = sample_points(target, n_pos, n_neg, g)
         pad = n_max - len(lab)
-        return (torch.cat([pts, torch.zeros(pad, target.ndim)]), torch.cat([lab, torch.full((pad,), -1, dtype=torch.long)]))
+        return (torch.cat([pts, torch.zeros(pad, target.ndim)]),
+                torch.cat([lab, torch.full((pad,), -1, dtype=torch.long)]))

@@ -26,7 +26,8 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask, crop_to_nonzero
-from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization, NoNormalization, ZScoreNormalization
+from nnunetv2.preprocessing.normalization.default_normalization_schemes import (CTNormalization, NoNormalization,
+                                                                                 ZScoreNormalization)
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
@@ -64,7 +65,8 @@ class nnUNetTrainer_AmalgamCPU(nnUNetTrainer):
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        # test-time mirroring multiplies validation cost by up to 8 on CPU; saved in the checkpoint, so predictors follow
+        # test-time mirroring multiplies validation cost by up to 8 on CPU; saved in the checkpoint,
+        # so predictors follow
         self.inference_allowed_mirroring_axes = None
         return out
 
@@ -112,8 +114,10 @@ def plan_variant(dataset_id: int, plans: str, configuration: str, num_processes:
 
 # %% ../nbs/03_experts.ipynb
 def install_trainers(folder: str | os.PathLike) -> Path:
-    "Write `folder/amalgam_trainers.py`, which re-exports amalgam's nnU-Net trainers, for `nnUNet_extTrainer=folder`; idempotent."
-    code = f"# written by amalgam.experts.install_trainers: lets nnU-Net find amalgam's trainer variants\nfrom amalgam.experts import {', '.join(AMALGAM_TRAINERS)}  # noqa: F401\n"
+    """Write `folder/amalgam_trainers.py`, which re-exports amalgam's nnU-Net trainers, for `nnUNet_extTrainer=folder`;
+    idempotent."""
+    code = ("# written by amalgam.experts.install_trainers: lets nnU-Net find amalgam's trainer variants\n"
+            f"from amalgam.experts import {', '.join(AMALGAM_TRAINERS)}  # noqa: F401\n")
     path = Path(folder) / "amalgam_trainers.py"
     if not path.is_file() or path.read_text() != code: atomic_write(path, code)
     return Path(folder)
@@ -121,7 +125,8 @@ def install_trainers(folder: str | os.PathLike) -> Path:
 # %% ../nbs/03_experts.ipynb
 @dataclass(frozen=True)
 class NnUNetPaths:
-    "nnU-Net's folders (`nnUNet_raw`, `nnUNet_preprocessed`, `nnUNet_results`), amalgam's trainer folder and the stage logs of one workspace."
+    """nnU-Net's folders (`nnUNet_raw`, `nnUNet_preprocessed`, `nnUNet_results`), amalgam's trainer folder and the stage
+    logs of one workspace."""
     raw: Path
     preprocessed: Path
     results: Path
@@ -130,14 +135,18 @@ class NnUNetPaths:
 
     @classmethod
     def under(cls, workspace_dir: str | os.PathLike | None = None) -> "NnUNetPaths":
-        "`<workspace>/nnUNet_{raw,preprocessed,results,trainers}` and `<workspace>/logs/nnunet` (see `amalgam.config.workspace`)."
+        """`<workspace>/nnUNet_{raw,preprocessed,results,trainers}` and `<workspace>/logs/nnunet` (see
+        `amalgam.config.workspace`)."""
         ws = workspace(workspace_dir)
-        return cls(*(ws / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results", "trainers")), ws / "logs" / "nnunet")
+        return cls(*(ws / f"nnUNet_{k}" for k in ("raw", "preprocessed", "results", "trainers")),
+                   ws / "logs" / "nnunet")
 
     def env(self, base: Mapping[str, str] | None = None, **overrides: str | os.PathLike) -> dict[str, str]:
-        "A process environment for one nnU-Net call: `base` (default `os.environ`) plus these paths, with amalgam's trainer folder first in `nnUNet_extTrainer`."
+        """A process environment for one nnU-Net call: `base` (default `os.environ`) plus these paths, with amalgam's
+        trainer folder first in `nnUNet_extTrainer`."""
         env = dict(os.environ if base is None else base)
-        env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed), nnUNet_results=str(self.results))
+        env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
+                   nnUNet_results=str(self.results))
         env.update({k: str(v) for k, v in overrides.items()})
         ext = [str(self.trainers)] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(ext))
@@ -164,14 +173,19 @@ def _run_nnunet(args: Sequence, env: Mapping[str, str], log: Path, what: str) ->
         raise AmalgamError(f"{what} failed (exit code {rc}); full log: {log}\n{tail}")
 
 def _raw_dataset(manifest, paths: NnUNetPaths) -> Path:
-    "The nnU-Net raw dataset folder for `manifest`: a manifest (YAML path or loaded) is materialised; a `DatasetXXX_Name` folder is used as it is."
+    """The nnU-Net raw dataset folder for `manifest`: a manifest (YAML path or loaded) is materialised; a
+    `DatasetXXX_Name` folder is used as it is."""
     if isinstance(manifest, (str, os.PathLike)) and Path(manifest).is_dir():
         folder = Path(manifest).resolve()
-        if not _DATASET_RE.match(folder.name): raise AmalgamError(f"{folder}: an nnU-Net raw dataset folder must be named DatasetXXX_Name")
-        if not (folder / "dataset.json").is_file(): raise AmalgamError(f"{folder}: no dataset.json, so this is not an nnU-Net raw dataset")
+        if not _DATASET_RE.match(folder.name):
+            raise AmalgamError(f"{folder}: an nnU-Net raw dataset folder must be named DatasetXXX_Name")
+        if not (folder / "dataset.json").is_file():
+            raise AmalgamError(f"{folder}: no dataset.json, so this is not an nnU-Net raw dataset")
         return folder
     if isinstance(manifest, (str, os.PathLike)): manifest = load_manifest(manifest)
-    if not isinstance(manifest, Manifest): raise AmalgamError(f"manifest: expected a manifest (YAML path or Manifest) or an nnU-Net raw dataset folder, got {type(manifest).__name__}")
+    if not isinstance(manifest, Manifest):
+        raise AmalgamError("manifest: expected a manifest (YAML path or Manifest) or an nnU-Net raw dataset folder, "
+                           f"got {type(manifest).__name__}")
     return Path(materialize(manifest, paths.raw, cache_dir=paths.raw.parent / "sources" / manifest.source["kind"]))
 
 def manifest_splits(manifest: Manifest) -> list[dict]:
@@ -208,7 +222,8 @@ def train_expert(manifest, configuration: str = "2d", fold: int = 0, trainer: st
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 0:
         raise AmalgamError(f"fold: expected a non-negative integer, got {fold!r}")
     device = str(torch.device(device).type)
-    if device not in ("cpu", "cuda", "mps"): raise AmalgamError(f"device: nnU-Net trains on cpu, cuda or mps, not {device!r}")
+    if device not in ("cpu", "cuda", "mps"):
+        raise AmalgamError(f"device: nnU-Net trains on cpu, cuda or mps, not {device!r}")
     paths = NnUNetPaths.under(workspace_dir)
     plans = TRAINER_PLANS.get(trainer, DEFAULT_PLANS) if plans is None else plans
     if isinstance(manifest, (str, os.PathLike)) and not Path(manifest).is_dir(): manifest = load_manifest(manifest)
@@ -271,7 +286,8 @@ def training_summary(model_folder: str | os.PathLike, fold: int = 0) -> dict:
     "Validation Dice per class (nnU-Net's final validation) and per-epoch training curves of one trained fold."
     fold_dir = Path(model_folder) / f"fold_{fold}"
     summary_file = fold_dir / "validation" / "summary.json"
-    if not summary_file.is_file(): raise AmalgamError(f"{fold_dir}: no validation/summary.json (training did not finish its final validation)")
+    if not summary_file.is_file():
+        raise AmalgamError(f"{fold_dir}: no validation/summary.json (training did not finish its final validation)")
     summary = json.loads(summary_file.read_text())
     labels = json.loads((Path(model_folder) / "dataset.json").read_text())["labels"]
     names = {str(v): k for k, v in labels.items()}
@@ -349,10 +365,12 @@ class Expert:
         self.plans, self.dataset_json, self.configuration = plans, dataset_json, configuration
         self.plans_manager = PlansManager(plans)
         if configuration not in plans.get("configurations", {}):
-            raise AmalgamError(f"{where}: plans have no configuration {configuration!r} (have {sorted(plans.get('configurations', {}))})")
+            raise AmalgamError(f"{where}: plans have no configuration {configuration!r} "
+                               f"(have {sorted(plans.get('configurations', {}))})")
         self.configuration_manager = cm = self.plans_manager.get_configuration(configuration)
         self.label_manager = self.plans_manager.get_label_manager(dataset_json)
-        if self.label_manager.has_regions: raise AmalgamError(f"{where}: region-based nnU-Net models are not supported as experts")
+        if self.label_manager.has_regions:
+            raise AmalgamError(f"{where}: region-based nnU-Net models are not supported as experts")
         self.task = dataset_json.get("amalgam_task", self.plans_manager.dataset_name)
         self.name = name or self.task
         self.labels = {k: int(v) for k, v in dataset_json["labels"].items()}
@@ -376,18 +394,22 @@ class Expert:
 
     def __repr__(self):
         return (f"Expert({self.name!r}, task={self.task!r}, {self.spatial_dims}D {self.configuration}, "
-                f"in_channels={self.in_channels}, labels={self.labels}, source={str(self.source) if self.source else None})")
+                f"in_channels={self.in_channels}, labels={self.labels}, "
+                f"source={str(self.source) if self.source else None})")
 
     def _check(self, x: torch.Tensor, what: str, spatial: Sequence[int] | None = None) -> None:
         where = str(self.source or self.name)
-        if not isinstance(x, torch.Tensor): raise AmalgamError(f"{where}: {what} expects a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise AmalgamError(f"{where}: {what} expects a torch.Tensor, got {type(x).__name__}")
         allowed = spatial or (self.spatial_dims,)
         if x.ndim - 2 not in allowed:
             hint = " (give it slices, or use segment_image for a volume)" if self.spatial_dims == 2 else ""
             raise AmalgamError(f"{where}: a {self.spatial_dims}D expert ({self.configuration}) got a batch of shape "
-                               f"{tuple(x.shape)} for {what}; expected B x C x {' x '.join('HWD'[:self.spatial_dims])}{hint}")
+                               f"{tuple(x.shape)} for {what}; expected B x C x "
+                               f"{' x '.join('HWD'[:self.spatial_dims])}{hint}")
         if x.shape[1] != self.in_channels:
-            raise AmalgamError(f"{where}: {what} expects {self.in_channels} channel(s) {self.channel_names}, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise AmalgamError(f"{where}: {what} expects {self.in_channels} channel(s) {self.channel_names}, "
+                               f"got {x.shape[1]} (shape {tuple(x.shape)})")
 
     def _check_stats(self, x: torch.Tensor, stats: torch.Tensor | None, normalized: bool, what: str) -> None:
         if stats is None: return
@@ -441,30 +463,33 @@ class Expert:
             y = _torch_normalize(norm, x[:, c], mask, None if stats is None else stats[:, c])
             if y is None:  # a scheme without a torch port: nnU-Net's class, sample by sample, in NumPy
                 seg = None if mask is None else np.where(mask.cpu().numpy(), 0, -1).astype(np.int8)
-                y = torch.stack([torch.from_numpy(norm.run(x[b, c].cpu().numpy().copy(), None if seg is None else seg[b]))
+                y = torch.stack([torch.from_numpy(norm.run(x[b, c].cpu().numpy().copy(),
+                                                           None if seg is None else seg[b]))
                                  for b in range(x.shape[0])]).to(x.device)
             out[:, c] = y
         return out
 
     def _autocast(self):
-        on = self.amp == "bf16" or (self.amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        on = self.amp == "bf16" or (self.amp == "auto" and self.device.type == "cuda"
+                                    and torch.cuda.is_bf16_supported())
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def _check_divisible(self, x: torch.Tensor, what: str) -> None:
         total = self.feature_specs[-1].stride
         if any(s % t for s, t in zip(x.shape[2:], total)):
-            raise AmalgamError(f"{self.source or self.name}: {what} needs spatial sizes divisible by the network's total stride {total}, "
-                               f"got {tuple(x.shape[2:])}; pad the patch or use segment_image")
+            raise AmalgamError(f"{self.source or self.name}: {what} needs spatial sizes divisible by the network's "
+                               f"total stride {total}, got {tuple(x.shape[2:])}; pad the patch or use segment_image")
 
     def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Sequence[int] = False,
                stats: torch.Tensor | None = None, taps: str = "encoder"
                ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
-        """Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) of a batch, normalised first
-        unless `normalized`; with `logits=True` also the logits `B x num_classes x *spatial` (float32) from nnU-Net's decoder on
-        those same features, so features and a distillation target cost one encoder pass. `logits` may instead be a list of batch
-        indices: the decoder then runs on those elements only and returns their logits in that order (`len x num_classes x *spatial`;
-        an empty list runs no decoder). Features are in the network's compute dtype (bf16 under `amp`), on the expert's device,
-        without autograd history. `stats`: whole-case z-score statistics per element, as in `normalize`.
+        """Every encoder stage's feature map (`B x channels x spatial/stride`, see `feature_specs`) of a batch,
+        normalised first unless `normalized`; with `logits=True` also the logits `B x num_classes x *spatial` (float32)
+        from nnU-Net's decoder on those same features, so features and a distillation target cost one encoder pass.
+        `logits` may instead be a list of batch indices: the decoder then runs on those elements only and returns their
+        logits in that order (`len x num_classes x *spatial`; an empty list runs no decoder). Features are in the
+        network's compute dtype (bf16 under `amp`), on the expert's device, without autograd history. `stats`:
+        whole-case z-score statistics per element, as in `normalize`.
 
         `taps="decoder"`: at every stride but the coarsest, the map is instead the output of nnU-Net's decoder stage
         at that stride (same channels and stride, so `feature_specs` still describes it): the features the expert's
@@ -474,23 +499,27 @@ class Expert:
 
     def _encode(self, x: torch.Tensor, normalized: bool, logits: bool | Sequence[int], what: str,
                 stats: torch.Tensor | None = None, taps: str = "encoder"):
-        if taps not in TAPS: raise AmalgamError(f"{self.source or self.name}: {what}: taps must be one of {TAPS}, got {taps!r}")
+        if taps not in TAPS:
+            raise AmalgamError(f"{self.source or self.name}: {what}: taps must be one of {TAPS}, got {taps!r}")
         self._check(x, what)
         self._check_stats(x, stats, normalized, what)
         rows = None if isinstance(logits, bool) else [int(i) for i in logits]
         if rows is not None and any(not 0 <= i < len(x) for i in rows):
-            raise AmalgamError(f"{self.source or self.name}: {what}: logits asked for batch elements {rows} of a batch of {len(x)}")
+            raise AmalgamError(f"{self.source or self.name}: {what}: logits asked for batch elements {rows} "
+                               f"of a batch of {len(x)}")
         if logits is True or rows or taps == "decoder":
             self._check_divisible(x, f"{what}(logits=True)" if taps == "encoder" else f"{what}(taps='decoder')")
         x = x.to(self.device)
         if not normalized: x = self._normalize(x, stats)
-        # no_grad rather than inference_mode: the outputs must be ordinary tensors that trainable modules can save for backward
+        # no_grad rather than inference_mode: the outputs must be ordinary tensors that trainable modules can save
+        # for backward
         with torch.no_grad(), self._autocast():
             skips = self.network.encoder(x)
             if taps == "decoder":
                 skips, out = self._decoder_taps(skips)
                 if logits is False: return skips
-                return skips, (out if rows is None else out[torch.tensor(rows, dtype=torch.long, device=x.device)]).float()
+                return skips, (out if rows is None
+                               else out[torch.tensor(rows, dtype=torch.long, device=x.device)]).float()
             if logits is False: return skips
             if rows is None: return skips, self.network.decoder(skips).float()
             if not rows: return skips, torch.empty(0, self.num_classes, *x.shape[2:], device=x.device)
@@ -498,7 +527,8 @@ class Expert:
             return skips, self.network.decoder([s.index_select(0, idx) for s in skips]).float()
 
     def _decoder_taps(self, skips: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        "nnU-Net's own decoder on `skips`, its stage outputs caught by forward hooks: (taps finest first + bottleneck, logits)."
+        """nnU-Net's own decoder on `skips`, its stage outputs caught by forward hooks: (taps finest first + bottleneck,
+        logits)."""
         caught = []
         hooks = [stage.register_forward_hook(lambda m, i, o: caught.append(o)) for stage in self.network.decoder.stages]
         try: out = self.network.decoder(skips)
@@ -523,7 +553,8 @@ class Expert:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, fold: int | str = 0, checkpoint: str = "checkpoint_final.pth",
-                    device: str | torch.device = "cpu", name: str | None = None, labels: Mapping[str, int] | None = None) -> Expert:
+                    device: str | torch.device = "cpu", name: str | None = None,
+                    labels: Mapping[str, int] | None = None) -> Expert:
         """Load a trained nnU-Net v2 model folder (`Dataset…/Trainer__Plans__configuration`) as a frozen expert.
 
         `labels`: the label map the expert must have (e.g. a manifest's `labels`); a different one is an error.
@@ -537,22 +568,28 @@ class Expert:
             raise AmalgamError(f"{folder}: no fold {fold} (fold_{fold} missing; available: {have or 'none'})")
         ckpt_file = fold_dir / checkpoint
         if not ckpt_file.is_file():
-            raise AmalgamError(f"{fold_dir}: no {checkpoint} (available: {sorted(p.name for p in fold_dir.glob('*.pth')) or 'none'})")
+            raise AmalgamError(f"{fold_dir}: no {checkpoint} "
+                               f"(available: {sorted(p.name for p in fold_dir.glob('*.pth')) or 'none'})")
         ckpt = load_weights(ckpt_file, "nnU-Net checkpoint")
         try: configuration = ckpt["init_args"]["configuration"]
-        except (KeyError, TypeError): raise AmalgamError(f"{ckpt_file}: not an nnU-Net v2 checkpoint (no init_args.configuration)") from None
+        except (KeyError, TypeError):
+            raise AmalgamError(f"{ckpt_file}: not an nnU-Net v2 checkpoint (no init_args.configuration)") from None
         if folder.name.count("__") == 2 and folder.name.rsplit("__", 1)[1] != configuration:
-            raise AmalgamError(f"{ckpt_file}: checkpoint was trained as configuration {configuration!r} but the folder is {folder.name}")
+            raise AmalgamError(f"{ckpt_file}: checkpoint was trained as configuration {configuration!r} "
+                               f"but the folder is {folder.name}")
         if configuration not in plans.get("configurations", {}):
-            raise AmalgamError(f"{folder}: checkpoint / plans mismatch: plans.json has no configuration {configuration!r}")
+            raise AmalgamError(f"{folder}: checkpoint / plans mismatch: plans.json has no configuration "
+                               f"{configuration!r}")
         if labels is not None and {k: int(v) for k, v in dataset_json["labels"].items()} != dict(labels):
-            raise AmalgamError(f"{folder}: the expert's labels {dataset_json['labels']} differ from the expected {dict(labels)}")
+            raise AmalgamError(f"{folder}: the expert's labels {dataset_json['labels']} differ from the expected "
+                               f"{dict(labels)}")
         pm = PlansManager(plans)
         network = _build_network(pm, pm.get_configuration(configuration), dataset_json)
         try: network.load_state_dict(ckpt["network_weights"])
         except RuntimeError as e:
-            raise AmalgamError(f"{folder}: checkpoint / plans mismatch: {ckpt_file.name} does not fit the network that plans.json "
-                               f"describes for {configuration!r} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+            raise AmalgamError(f"{folder}: checkpoint / plans mismatch: {ckpt_file.name} does not fit the network "
+                               f"that plans.json describes for {configuration!r} "
+                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
         return cls(network.to(device), plans, dataset_json, configuration, name=name, source=folder)
 
     @classmethod
@@ -560,7 +597,8 @@ class Expert:
                  device: str | torch.device = "cpu", name: str | None = None, labels: Mapping[str, int] | None = None,
                  configuration: str | None = None, extract_to: str | os.PathLike | None = None) -> Expert:
         """Load a model zip made by `nnUNetv2_export_model_to_zip`; it is unpacked once into `extract_to`
-        (default `<workspace>/nnUNet_imported/<zip sha256[:16]>`). `configuration` picks one model when the zip holds several."""
+        (default `<workspace>/nnUNet_imported/<zip sha256[:16]>`). `configuration` picks one model when the zip holds
+        several."""
         zp = Path(zip_path)
         if not zp.is_file(): raise AmalgamError(f"{zp}: model zip not found")
         if not zipfile.is_zipfile(zp): raise AmalgamError(f"{zp}: not a zip file")
@@ -574,38 +612,48 @@ class Expert:
         if configuration is not None: models = [m for m in models if m.name.rsplit("__", 1)[-1] == configuration]
         if len(models) != 1:
             found = [str(m.relative_to(dest)) for m in models]
-            raise AmalgamError(f"{zp}: expected exactly one nnU-Net model{f' of configuration {configuration!r}' if configuration else ''}, "
+            raise AmalgamError(f"{zp}: expected exactly one nnU-Net model"
+                               f"{f' of configuration {configuration!r}' if configuration else ''}, "
                                f"found {found or 'none'}" + ("; pass configuration=..." if len(models) > 1 else ""))
         return cls.from_folder(models[0], fold, checkpoint, device, name, labels)
 
-    def segment_image(self, image: np.ndarray | torch.Tensor, spacing: Sequence[float], tile_step_size: float = 0.5) -> np.ndarray:
-        "Label map (same shape and axis order as `image`'s spatial axes) of a whole image `C x *spatial` with `spacing`."
+    def segment_image(self, image: np.ndarray | torch.Tensor, spacing: Sequence[float],
+                      tile_step_size: float = 0.5) -> np.ndarray:
+        """Label map (same shape and axis order as `image`'s spatial axes) of a whole image `C x *spatial` with
+        `spacing`."""
         image = torch.as_tensor(image, dtype=torch.float32)
-        if image.ndim != 4: raise AmalgamError(f"{self.source or self.name}: segment_image expects one 3D image C x X x Y x Z, got shape {tuple(image.shape)}")
+        if image.ndim != 4:
+            raise AmalgamError(f"{self.source or self.name}: segment_image expects one 3D image C x X x Y x Z, "
+                               f"got shape {tuple(image.shape)}")
         fwd, bwd = self.plans_manager.transpose_forward, self.plans_manager.transpose_backward
         cm = self.configuration_manager
         data = image.permute(0, *[i + 1 for i in fwd])
         spacing = [float(spacing[i]) for i in fwd]
         target = [spacing[0], *cm.spacing] if len(cm.spacing) < 3 else list(cm.spacing)
-        data = self.normalize(data[None])[0].numpy()  # nnU-Net normalises before resampling, so nonzero masks stay exact
+        # nnU-Net normalises before resampling, so nonzero masks stay exact
+        data = self.normalize(data[None])[0].numpy()
         shape = data.shape[1:]
-        data = torch.from_numpy(np.ascontiguousarray(cm.resampling_fn_data(data, compute_new_shape(shape, spacing, target), spacing, target)))
+        data = torch.from_numpy(np.ascontiguousarray(
+            cm.resampling_fn_data(data, compute_new_shape(shape, spacing, target), spacing, target)))
         logits = _sliding_window_logits(self, data, tile_step_size).numpy()
         logits = cm.resampling_fn_probabilities(logits, shape, target, spacing)
         return np.asarray(logits).argmax(0).transpose(bwd).astype(np.uint8)
 
 # %% ../nbs/03_experts.ipynb
 def synthetic_plans(spatial_dims: int = 3, in_channels: int = 1, modality: str = "CT",
-                    features: Sequence[int] = (8, 16, 32), patch: int = 32, dataset_name: str = "Dataset999_Tiny") -> dict:
-    "nnU-Net v2 plans (one configuration, `2d` or `3d_fullres`) for a small PlainConvUNet; CT channels use CT normalisation, others z-score."
+                    features: Sequence[int] = (8, 16, 32), patch: int = 32,
+                    dataset_name: str = "Dataset999_Tiny") -> dict:
+    """nnU-Net v2 plans (one configuration, `2d` or `3d_fullres`) for a small PlainConvUNet; CT channels use CT
+    normalisation, others z-score."""
     if spatial_dims not in (2, 3): raise AmalgamError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
     d, n = spatial_dims, len(features)
     conv, norm = ("torch.nn.modules.conv.Conv3d", "torch.nn.modules.instancenorm.InstanceNorm3d") if d == 3 else \
                  ("torch.nn.modules.conv.Conv2d", "torch.nn.modules.instancenorm.InstanceNorm2d")
     ct = modality.upper() == "CT"
     configuration = {
-        "data_identifier": f"nnUNetPlans_{'3d_fullres' if d == 3 else '2d'}", "preprocessor_name": "DefaultPreprocessor",
-        "batch_size": 2, "patch_size": [patch] * d, "median_image_size_in_voxels": [float(patch)] * d, "spacing": [1.0] * d,
+        "data_identifier": f"nnUNetPlans_{'3d_fullres' if d == 3 else '2d'}",
+        "preprocessor_name": "DefaultPreprocessor", "batch_size": 2, "patch_size": [patch] * d,
+        "median_image_size_in_voxels": [float(patch)] * d, "spacing": [1.0] * d,
         "normalization_schemes": ["CTNormalization" if ct else "ZScoreNormalization"] * in_channels,
         "use_mask_for_norm": [False] * in_channels,
         "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
@@ -622,7 +670,8 @@ def synthetic_plans(spatial_dims: int = 3, in_channels: int = 1, modality: str =
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
         "batch_dice": False}
     # CT statistics of a soft-tissue-like foreground, so clipping to [-100, 300] HU is visible in examples
-    ct_props = {"max": 1000.0, "mean": 100.0, "median": 90.0, "min": -1000.0, "percentile_00_5": -100.0, "percentile_99_5": 300.0, "std": 50.0}
+    ct_props = {"max": 1000.0, "mean": 100.0, "median": 90.0, "min": -1000.0, "percentile_00_5": -100.0,
+                "percentile_99_5": 300.0, "std": 50.0}
     return {"dataset_name": dataset_name, "plans_name": "nnUNetPlans",
             "original_median_spacing_after_transp": [1.0] * 3, "original_median_shape_after_transp": [patch] * 3,
             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
@@ -638,13 +687,17 @@ def _build_network(plans_manager: PlansManager, configuration_manager, dataset_j
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
 
 NNUNET_DEFAULT_FEATURES = {2: (32, 64, 128, 256, 512, 512, 512), 3: (32, 64, 128, 256, 320, 320)}
-"Feature counts per stage of nnU-Net's default PlainConvUNet (2d / 3d_fullres for a 256² / 128³-ish patch): the size a real expert has."
+"""Feature counts per stage of nnU-Net's default PlainConvUNet (2d / 3d_fullres for a 256² / 128³-ish patch): the
+size a real expert has."""
 
 def tiny_test_expert(spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 3, name: str = "expert",
-                     modality: str = "CT", seed: int = 0, features: Sequence[int] = (8, 16, 32), patch: int = 32) -> Expert:
+                     modality: str = "CT", seed: int = 0, features: Sequence[int] = (8, 16, 32),
+                     patch: int = 32) -> Expert:
     """A random-init (seeded) nnU-Net PlainConvUNet expert built from synthetic plans: for fast tests, no training.
-    `features` per stage (default tiny; `NNUNET_DEFAULT_FEATURES[spatial_dims]` for a full-size nnU-Net network), `patch` its plans' patch edge."""
-    if num_classes < 2: raise AmalgamError(f"num_classes: an expert segments background plus at least one class, got {num_classes}")
+    `features` per stage (default tiny; `NNUNET_DEFAULT_FEATURES[spatial_dims]` for a full-size nnU-Net network),
+    `patch` its plans' patch edge."""
+    if num_classes < 2:
+        raise AmalgamError(f"num_classes: an expert segments background plus at least one class, got {num_classes}")
     plans = synthetic_plans(spatial_dims, in_channels, modality, features=features, patch=patch)
     dataset_json = {"channel_names": {str(c): modality for c in range(in_channels)},
                     "labels": {"background": 0, **{f"class_{i}": i for i in range(1, num_classes)}},
@@ -664,10 +717,12 @@ def _read_json(path: Path, folder: Path) -> dict:
 
 # %% ../nbs/03_experts.ipynb
 def save_model_folder(expert: Expert, folder: str | os.PathLike, fold: int = 0, trainer: str = FULL_TRAINER) -> Path:
-    "Write `expert` as an nnU-Net results folder `folder/fold_<fold>/checkpoint_final.pth` (+ plans.json, dataset.json); each file and the fold folder are written atomically, other folds are kept."
+    """Write `expert` as an nnU-Net results folder `folder/fold_<fold>/checkpoint_final.pth` (+ plans.json,
+    dataset.json); each file and the fold folder are written atomically, other folds are kept."""
     folder = Path(folder)
     ckpt = {"network_weights": expert.network.state_dict(), "trainer_name": trainer,
-            "init_args": {"configuration": expert.configuration, "fold": fold}, "inference_allowed_mirroring_axes": None}
+            "init_args": {"configuration": expert.configuration, "fold": fold},
+            "inference_allowed_mirroring_axes": None}
     write_json(folder / "plans.json", expert.plans)
     write_json(folder / "dataset.json", expert.dataset_json)
     with atomic_dir(folder / f"fold_{fold}", overwrite=True) as tmp:
@@ -676,11 +731,13 @@ def save_model_folder(expert: Expert, folder: str | os.PathLike, fold: int = 0, 
 
 # %% ../nbs/03_experts.ipynb
 def read_image(expert: Expert, paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, tuple[float, ...]]:
-    "One image (a file per channel) read by the expert's nnU-Net reader: `C x *spatial` float32 and its spacing, in the reader's axis order."
+    """One image (a file per channel) read by the expert's nnU-Net reader: `C x *spatial` float32 and its spacing, in
+    the reader's axis order."""
     data, props = expert.plans_manager.image_reader_writer_class().read_images([str(p) for p in paths])
     return data.astype(np.float32), tuple(float(s) for s in props["spacing"])
 
-def _sliding_window_logits(self: Expert, data: torch.Tensor, tile_step_size: float = 0.5, batch_size: int = 16) -> torch.Tensor:
+def _sliding_window_logits(self: Expert, data: torch.Tensor, tile_step_size: float = 0.5,
+                           batch_size: int = 16) -> torch.Tensor:
     """Logits `num_classes x *spatial` of a normalised image `C x *spatial` by nnU-Net's sliding window: its zero
     padding, tile positions and Gaussian weights; tiles run in batches, in the expert's precision (`amp`), as inside
     KA²ER."""
@@ -689,7 +746,8 @@ def _sliding_window_logits(self: Expert, data: torch.Tensor, tile_step_size: flo
     tiler.configuration_manager = self.configuration_manager
     data, revert = pad_nd_image(data, self.patch_size, "constant", {"value": 0}, True, None)
     slicers = tiler._internal_get_sliding_window_slicers(data.shape[1:])
-    gaussian = compute_gaussian(self.patch_size, sigma_scale=1. / 8, value_scaling_factor=10, dtype=torch.float32, device=self.device)
+    gaussian = compute_gaussian(self.patch_size, sigma_scale=1. / 8, value_scaling_factor=10, dtype=torch.float32,
+                                device=self.device)
     logits = torch.zeros((self.num_classes, *data.shape[1:]), dtype=torch.float32, device=self.device)
     weight = torch.zeros(data.shape[1:], dtype=torch.float32, device=self.device)
     with torch.inference_mode():
@@ -711,9 +769,12 @@ class ExpertBank:
         if not experts: raise AmalgamError("ExpertBank: needs at least one expert")
         names = [e.name for e in experts]
         dup = sorted({n for n in names if names.count(n) > 1})
-        if dup: raise AmalgamError(f"ExpertBank: expert names must be unique; repeated: {dup} (pass name=... when loading)")
+        if dup:
+            raise AmalgamError(f"ExpertBank: expert names must be unique; repeated: {dup} (pass name=... when loading)")
         dims = {e.name: e.spatial_dims for e in experts}
-        if len(set(dims.values())) > 1: raise AmalgamError(f"ExpertBank: experts must share one spatial dimensionality to take one batch; got {dims}")
+        if len(set(dims.values())) > 1:
+            raise AmalgamError("ExpertBank: experts must share one spatial dimensionality to take one batch; "
+                               f"got {dims}")
         self._experts = dict(zip(names, experts))
 
     def __len__(self) -> int: return len(self._experts)
@@ -727,7 +788,8 @@ class ExpertBank:
     def names(self) -> list[str]: return list(self._experts)
 
     @property
-    def feature_specs(self) -> dict[str, list[FeatureSpec]]: return {n: e.feature_specs for n, e in self._experts.items()}
+    def feature_specs(self) -> dict[str, list[FeatureSpec]]:
+        return {n: e.feature_specs for n, e in self._experts.items()}
 
     def to(self, device: str | torch.device) -> "ExpertBank":
         for e in self: e.to(device)
@@ -745,27 +807,35 @@ class ExpertBank:
     def encode(self, x: torch.Tensor, normalized: bool = False, logits: bool | Mapping[str, Sequence[int]] = False,
                stats: Mapping[str, torch.Tensor] | None = None, taps: str = "encoder"
                ) -> dict[str, list[torch.Tensor]] | tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor]]:
-        """`Expert.encode` of every expert: features by name, and with `logits=True` also every expert's logits by name, from one
-        pass per expert. `logits={name: batch indices}` asks only the named experts for the logits of only those elements
-        (see `Expert.encode`); the other experts run their encoder alone. `stats`: `{name: B x C x 2}` whole-case
-        z-score statistics for every expert (stack `volume_stats` rows of each element's case). `taps`: encoder stages, or
-        the decoder's stage outputs (see `Expert.encode`)."""
+        """`Expert.encode` of every expert: features by name, and with `logits=True` also every expert's logits by name,
+        from one pass per expert. `logits={name: batch indices}` asks only the named experts for the logits of only
+        those elements (see `Expert.encode`); the other experts run their encoder alone. `stats`: `{name: B x C x 2}`
+        whole-case z-score statistics for every expert (stack `volume_stats` rows of each element's case). `taps`:
+        encoder stages, or the decoder's stage outputs (see `Expert.encode`)."""
         if stats is not None and set(stats) != set(self._experts):
             raise AmalgamError(f"ExpertBank.encode: stats must name every expert {self.names}, got {sorted(stats)}")
         st = {n: None if stats is None else stats[n] for n in self._experts}
-        if logits is False: return {n: e.encode(x, normalized, stats=st[n], taps=taps) for n, e in self._experts.items()}
+        if logits is False:
+            return {n: e.encode(x, normalized, stats=st[n], taps=taps) for n, e in self._experts.items()}
         if isinstance(logits, Mapping):
             unknown = sorted(set(logits) - set(self._experts))
-            if unknown: raise AmalgamError(f"ExpertBank.encode: logits asked of unknown expert(s) {unknown} (have {self.names})")
+            if unknown:
+                raise AmalgamError(f"ExpertBank.encode: logits asked of unknown expert(s) {unknown} "
+                                   f"(have {self.names})")
             out = {n: e.encode(x, normalized, list(logits[n]), stats=st[n], taps=taps) if n in logits
                    else (e.encode(x, normalized, stats=st[n], taps=taps), None) for n, e in self._experts.items()}
-        elif logits is True: out = {n: e.encode(x, normalized, True, stats=st[n], taps=taps) for n, e in self._experts.items()}
-        else: raise AmalgamError(f"ExpertBank.encode: logits must be True, False or {{expert: batch indices}}, got {logits!r}")
+        elif logits is True:
+            out = {n: e.encode(x, normalized, True, stats=st[n], taps=taps) for n, e in self._experts.items()}
+        else:
+            raise AmalgamError(f"ExpertBank.encode: logits must be True, False or {{expert: batch indices}}, "
+                               f"got {logits!r}")
         return {n: f for n, (f, _) in out.items()}, {n: l for n, (_, l) in out.items() if l is not None}
 
     def describe(self) -> list[dict]:
-        "One JSON-ready dict per expert: task, labels, modality, configuration, patch size, spacing, feature shapes, source."
-        return [{"name": n, "task": e.task, "labels": dict(e.labels), "channel_names": {str(k): v for k, v in e.channel_names.items()},
+        """One JSON-ready dict per expert: task, labels, modality, configuration, patch size, spacing, feature shapes,
+        source."""
+        return [{"name": n, "task": e.task, "labels": dict(e.labels),
+                 "channel_names": {str(k): v for k, v in e.channel_names.items()},
                  "configuration": e.configuration, "spatial_dims": e.spatial_dims, "in_channels": e.in_channels,
                  "num_classes": e.num_classes, "patch_size": list(e.patch_size), "spacing": list(e.spacing),
                  "normalization": list(e.configuration_manager.normalization_schemes),

@@ -24,7 +24,8 @@ __all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'teacher_co
 # %% ../nbs/09_losses.ipynb
 @dataclass
 class LossConfig(DictConfig):
-    "Weights of the KA²ER loss terms: `dice_weight * Dice + ce_weight * BCE` (the segmentation loss), `+ kd_weight * KD + iou_weight * IoU-MSE`."
+    """Weights of the KA²ER loss terms: `dice_weight * Dice + ce_weight * BCE` (the segmentation loss),
+    `+ kd_weight * KD + iou_weight * IoU-MSE`."""
     dice_weight: float = 1.0  # Dice loss against the ground truth
     ce_weight: float = 1.0  # binary cross-entropy against the ground truth
     kd_weight: float = 0.5  # distillation from the task's expert (0 turns it off)
@@ -37,21 +38,25 @@ class LossConfig(DictConfig):
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)): raise AmalgamError(f"LossConfig.{f.name}: expected a number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise AmalgamError(f"LossConfig.{f.name}: expected a number, got {v!r}")
             if f.name == "kd_temperature": ok, want = v > 0, "> 0"
             elif f.name == "kd_confidence": ok, want = 0 <= v <= 1, "in [0, 1]"
             else: ok, want = v >= 0, ">= 0"
             if not ok: raise AmalgamError(f"LossConfig.{f.name}: must be {want}, got {v!r}")
             setattr(self, f.name, float(v))
         # the multimask rule picks the mask with the lowest segmentation loss, which needs a segmentation loss
-        if self.dice_weight + self.ce_weight == 0: raise AmalgamError("LossConfig: dice_weight and ce_weight are both 0; at least one must be positive")
+        if self.dice_weight + self.ce_weight == 0:
+            raise AmalgamError("LossConfig: dice_weight and ce_weight are both 0; at least one must be positive")
 
 # %% ../nbs/09_losses.ipynb
 def _check_pair(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
     "`a` is B x M x *spatial and `b` is B x 1 x *spatial (2D or 3D) with the same B and spatial shape."
-    if a.ndim not in (4, 5): raise AmalgamError(f"{a_name}: expected B x M x *spatial with 2 or 3 spatial dims, got shape {tuple(a.shape)}")
+    if a.ndim not in (4, 5):
+        raise AmalgamError(f"{a_name}: expected B x M x *spatial with 2 or 3 spatial dims, got shape {tuple(a.shape)}")
     if b.ndim != a.ndim or b.shape[0] != a.shape[0] or b.shape[1] != 1 or b.shape[2:] != a.shape[2:]:
-        raise AmalgamError(f"{b_name}: expected shape {(a.shape[0], 1, *a.shape[2:])} to match {a_name} {tuple(a.shape)}, got {tuple(b.shape)}")
+        raise AmalgamError(f"{b_name}: expected shape {(a.shape[0], 1, *a.shape[2:])} to match {a_name} "
+                           f"{tuple(a.shape)}, got {tuple(b.shape)}")
 
 def _no_autocast(t: Tensor):
     "A context that turns autocast off on `t`'s device."
@@ -93,18 +98,21 @@ def teacher_probability(expert_logits: Tensor,  # B x K x *spatial logits of the
 
 def teacher_confidence(expert_logits: Tensor,  # B x K x *spatial logits of the task's expert
                        threshold: float) -> Tensor:
-    "B x 1 x *spatial float32 {0, 1}: where the expert's top class probability (T = 1) is at least `threshold` (no grad)."
+    """B x 1 x *spatial float32 {0, 1}: where the expert's top class probability (T = 1) is at least `threshold`
+    (no grad)."""
     with torch.no_grad(), _no_autocast(expert_logits):
         top = torch.softmax(expert_logits.float(), dim=1).amax(1, keepdim=True)
         return (top >= threshold).float()
 
 def distillation_loss(logits: Tensor,  # B x 1 x *spatial student mask logits
-                      teacher_prob: Tensor,  # B x 1 x *spatial teacher foreground probability (already at temperature T)
+                      # B x 1 x *spatial teacher foreground probability (already at temperature T)
+                      teacher_prob: Tensor,
                       temperature: float = 2.0,
-                      weight: Tensor | None = None,  # B x 1 x *spatial voxel weights in [0, 1] (e.g. `teacher_confidence`)
+                      # B x 1 x *spatial voxel weights in [0, 1] (e.g. `teacher_confidence`)
+                      weight: Tensor | None = None,
                       ) -> Tensor:
-    """Per-sample T² · mean over voxels of KL(Bernoulli(teacher_prob) ‖ Bernoulli(sigmoid(logits / T))), float32, shape `B`;
-    with `weight`, the weighted mean (a sample whose weights are all 0 gets 0)."""
+    """Per-sample T² · mean over voxels of KL(Bernoulli(teacher_prob) ‖ Bernoulli(sigmoid(logits / T))), float32,
+    shape `B`; with `weight`, the weighted mean (a sample whose weights are all 0 gets 0)."""
     _check_pair(logits, teacher_prob, "logits", "teacher_prob")
     if not temperature > 0: raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
     with _no_autocast(logits):
@@ -132,7 +140,8 @@ def iou_targets(logits: Tensor,  # B x M x *spatial mask logits
 
 # %% ../nbs/09_losses.ipynb
 class KA2ERLoss(nn.Module):
-    "SAM-style multimask loss: the best of M masks per sample is trained on Dice + BCE (+ KD from the expert); the IoU head regresses all M."
+    """SAM-style multimask loss: the best of M masks per sample is trained on Dice + BCE (+ KD from the expert); the IoU
+    head regresses all M."""
     def __init__(self, config: LossConfig | None = None):
         super().__init__()
         self.config = config or LossConfig()
@@ -141,17 +150,22 @@ class KA2ERLoss(nn.Module):
                 masks: Tensor,  # B x M x *spatial mask logits
                 iou: Tensor,  # B x M predicted IoU
                 target: Tensor,  # B x 1 x *spatial binary ground truth of the prompted class
-                teacher_prob: Tensor | None = None,  # B x 1 x *spatial teacher probability at `kd_temperature` (see `teacher_probability`)
-                has_teacher: Tensor | None = None,  # B bool: which samples have a teacher (default: all, when teacher_prob is given)
+                # B x 1 x *spatial teacher probability at `kd_temperature` (see `teacher_probability`)
+                teacher_prob: Tensor | None = None,
+                # B bool: which samples have a teacher (default: all, when teacher_prob is given)
+                has_teacher: Tensor | None = None,
                 teacher_weight: Tensor | None = None,  # B x 1 x *spatial: voxels to distil (see `teacher_confidence`)
                 expert_weights: Mapping[int, Tensor] | None = None,  # stride -> B x (K+1) x *grid amalgamation weights
                 own_expert: Tensor | None = None,  # B: channel of each element's own expert in the weights (-1: none)
                 ) -> dict:
-        "dict(loss: float32 scalar to backpropagate; seg, kd, iou: its float32 parts, detached for logging; mask_index: LongTensor B, the mask trained per sample)."
+        """dict(loss: float32 scalar to backpropagate; seg, kd, iou: its float32 parts, detached for logging;
+        mask_index: LongTensor B, the mask trained per sample)."""
         c = self.config
         _check_pair(masks, target, "masks", "target")
         B, M = masks.shape[:2]
-        if iou.shape != (B, M): raise AmalgamError(f"iou: expected shape {(B, M)} to match masks {tuple(masks.shape)}, got {tuple(iou.shape)}")
+        if iou.shape != (B, M):
+            raise AmalgamError(f"iou: expected shape {(B, M)} to match masks {tuple(masks.shape)}, "
+                               f"got {tuple(iou.shape)}")
         seg_all = segmentation_loss(masks.reshape(B * M, 1, *masks.shape[2:]),
                                     target.repeat_interleave(M, 0), c.dice_weight, c.ce_weight).view(B, M)
         mask_index = seg_all.detach().argmin(1)
@@ -164,7 +178,8 @@ class KA2ERLoss(nn.Module):
             if has_teacher is None: kd = kd_each.mean()
             else:
                 has_teacher = torch.as_tensor(has_teacher, dtype=torch.bool, device=masks.device)
-                if has_teacher.shape != (B,): raise AmalgamError(f"has_teacher: expected {B} booleans, got shape {tuple(has_teacher.shape)}")
+                if has_teacher.shape != (B,):
+                    raise AmalgamError(f"has_teacher: expected {B} booleans, got shape {tuple(has_teacher.shape)}")
                 # where() rather than a product: a teacher_prob row without a teacher may hold anything (even nan)
                 kd_each = torch.where(has_teacher, kd_each, torch.zeros_like(kd_each))
                 kd = kd_each.sum() / has_teacher.sum().clamp(min=1)
