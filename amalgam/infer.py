@@ -47,7 +47,8 @@ __all__ = ['MASK_BACKGROUND', 'EVAL_MODES', 'PROMPT_KEYS', 'NIFTI_SUFFIXES', 'IT
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
     p, a = np.asarray(points, dtype=np.float64), np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4): raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got shape {a.shape}")
-    if not np.isfinite(a).all(): raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got NaN/inf values {a.tolist()}")
+    if not np.isfinite(a).all():
+        raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got NaN/inf values {a.tolist()}")
     if p.ndim != 2 or p.shape[1] != 3: raise AmalgamError(f"{what}: expected N x 3 coordinates, got shape {p.shape}")
     return np.concatenate([p, np.ones((len(p), 1))], 1), a
 
@@ -59,11 +60,13 @@ def voxel_to_world(points, affine) -> np.ndarray:
 def world_to_voxel(points_mm, affine) -> np.ndarray:
     "Voxel coordinates `N x 3` (tensor axis order, continuous) of world positions `N x 3` (mm) under `affine`."
     p, a = _homogeneous(points_mm, affine, "world_to_voxel points_mm")
-    if abs(np.linalg.det(a[:3, :3])) < 1e-12: raise AmalgamError("affine: singular (zero voxel size?), cannot map world to voxel coordinates")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise AmalgamError("affine: singular (zero voxel size?), cannot map world to voxel coordinates")
     return (p @ np.linalg.inv(a).T)[:, :3]
 
 def tensor_affine(nifti_affine) -> np.ndarray:
-    "The affine of a NIfTI's array in tensor axis order (spatial axes reversed, as nnU-Net's readers give them) from nibabel's affine."
+    """The affine of a NIfTI's array in tensor axis order (spatial axes reversed, as nnU-Net's readers give them) from
+    nibabel's affine."""
     a = np.asarray(nifti_affine, dtype=np.float64)
     perm = np.zeros((4, 4)); perm[3, 3] = 1
     for i in range(3): perm[2 - i, i] = 1  # tensor index (z, y, x) -> nibabel index (x, y, z)
@@ -77,7 +80,8 @@ class _Prompt:
     labels: np.ndarray | None = None  # N, 1 positive / 0 negative
     box: np.ndarray | None = None  # 2 x d, inclusive min and max corner
     cls: int | None = None  # class-token index (automatic mode)
-    mask: np.ndarray | None = None  # *spatial mask logits of a previous prediction on the element's grid (SAM's mask input)
+    # *spatial mask logits of a previous prediction on the element's grid (SAM's mask input)
+    mask: np.ndarray | None = None
 
     @property
     def kind(self) -> tuple[bool, bool, bool, bool, bool]:
@@ -129,7 +133,8 @@ class SegmentationResult:
     "What `Segmenter.segment` returns; every array is in the image's tensor axis order."
     mask: np.ndarray  # uint8 *spatial, 1 inside the structure
     probability: np.ndarray | None = None  # float32 *spatial, blended sigmoid of the mask logits
-    expert_weights: dict[str, np.ndarray] | None = None  # name (experts..., "foundation") -> float32 *spatial amalgamation weight (None for the baseline)
+    # name (experts..., "foundation") -> float32 *spatial amalgamation weight (None for the baseline)
+    expert_weights: dict[str, np.ndarray] | None = None
 
 @dataclass(eq=False)
 class TaskSegmentation:
@@ -149,16 +154,23 @@ def label_map(probabilities: np.ndarray, values: Sequence[int]) -> np.ndarray:
 def _as_volume(image, in_channels: int) -> Tensor:
     "`image` as a finite float32 `C x *spatial` tensor (3 spatial axes), or an `AmalgamError` naming the problem."
     x = torch.as_tensor(np.asarray(image) if not isinstance(image, Tensor) else image).detach().float().cpu()
-    if x.ndim != 4: raise AmalgamError(f"image: expected one volume C x *spatial with 3 spatial axes (tensor axis order), got shape {tuple(x.shape)}")
-    if x.shape[0] != in_channels: raise AmalgamError(f"image: the model takes {in_channels} channel(s), got {x.shape[0]} (shape {tuple(x.shape)})")
-    if not torch.isfinite(x).all(): raise AmalgamError(f"image: contains {int((~torch.isfinite(x)).sum())} NaN/inf voxel(s)")
+    if x.ndim != 4:
+        raise AmalgamError("image: expected one volume C x *spatial with 3 spatial axes (tensor axis order), "
+                           f"got shape {tuple(x.shape)}")
+    if x.shape[0] != in_channels:
+        raise AmalgamError(f"image: the model takes {in_channels} channel(s), "
+                           f"got {x.shape[0]} (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        raise AmalgamError(f"image: contains {int((~torch.isfinite(x)).sum())} NaN/inf voxel(s)")
     return x
 
 def _pad_to(x: Tensor, size: Sequence[int]) -> Tensor:
-    "Pad `B x C x *spatial` at the far end of each axis up to `size`, with each channel's minimum (air/background, not an arbitrary 0 in raw intensities)."
+    """Pad `B x C x *spatial` at the far end of each axis up to `size`, with each channel's minimum (air/background, not
+    an arbitrary 0 in raw intensities)."""
     extra = [max(0, s - n) for s, n in zip(size, x.shape[2:])]
     if not any(extra): return x
-    out = x.amin(dim=tuple(range(2, x.ndim)), keepdim=True).expand(*x.shape[:2], *(n + e for n, e in zip(x.shape[2:], extra))).clone()
+    out = x.amin(dim=tuple(range(2, x.ndim)), keepdim=True).expand(
+        *x.shape[:2], *(n + e for n, e in zip(x.shape[2:], extra))).clone()
     out[(slice(None), slice(None), *(slice(0, n) for n in x.shape[2:]))] = x
     return out
 
@@ -177,17 +189,20 @@ class _EncodingCache:
 
 def _window_key(w: Tensor) -> bytes:
     "A digest of one window's voxels (and shape): equal windows share one encoding."
-    return hashlib.blake2b(w.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16, person=str(tuple(w.shape)).encode()[:16]).digest()
+    return hashlib.blake2b(w.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16,
+                           person=str(tuple(w.shape)).encode()[:16]).digest()
 
 # %% ../nbs/12_infer.ipynb
 def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = None,
             classes: Tensor | None = None) -> tuple[list[Tensor], dict[int, Tensor]]:
     """The image part of KA²ER for a batch of windows: foundation features, frozen experts, amalgamation (the gold
-    features and the expert weights). Like SAM's image embedding it is computed once per window and reused for every prompt on it
-    (each prompt mode, each corrective click), which is most of the cost of evaluating a volume. With task routing the class
-    prompt (`classes`, `B`, -1 for none) biases the expert weighting, so a window is encoded once per class it is asked for."""
+    features and the expert weights). Like SAM's image embedding it is computed once per window and reused for every
+    prompt on it (each prompt mode, each corrective click), which is most of the cost of evaluating a volume. With task
+    routing the class prompt (`classes`, `B`, -1 for none) biases the expert weighting, so a window is encoded once per
+    class it is asked for."""
     tag = b"" if not stats else b"".join(stats[n].float().cpu().numpy().tobytes() for n in sorted(stats))
-    routed = classes is not None and self.model.amalgamation is not None and self.model.amalgamation.class_bias is not None
+    routed = (classes is not None and self.model.amalgamation is not None
+              and self.model.amalgamation.class_bias is not None)
     cls = classes.tolist() if routed else [-1] * len(x)
     keys = [_window_key(w) + tag + int(c).to_bytes(4, "little", signed=True) for w, c in zip(x, cls)]
     hit = [self._cache.get(k) for k in keys]
@@ -196,7 +211,8 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
         m, xt = self.model, x[todo]
         feats, weights = m.foundation(zscore(xt)), {}
         if m.amalgamation is not None:
-            rows = None if stats is None else {n: s[None].expand(len(xt), -1, -1).to(xt.device) for n, s in stats.items()}
+            rows = (None if stats is None
+                    else {n: s[None].expand(len(xt), -1, -1).to(xt.device) for n, s in stats.items()})
             bias = m.amalgamation.source_bias(torch.tensor([cls[i] for i in todo])) if routed else None
             out = m.amalgamation(feats, m.experts.encode(xt, stats=rows, taps=m.expert_taps), source_bias=bias)
             feats, weights = out.features, out.weights
@@ -209,9 +225,11 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
 
 def _best_probability(self: Segmenter, x: Tensor, prompts: Prompts, stats: Mapping[str, Tensor] | None = None
                       ) -> tuple[Tensor, dict[int, Tensor]]:
-    "Mask probability `B x *window` as training decodes: SAM's multi-mask output (best predicted IoU) for a single click, else the single mask."
+    """Mask probability `B x *window` as training decodes: SAM's multi-mask output (best predicted IoU) for a single
+    click, else the single mask."""
     self.model.foundation.check_input(x)
-    prompts = prompts.to(x.device).validate(tuple(x.shape[2:]), batch_size=len(x), num_classes=len(self.model.class_names))
+    prompts = prompts.to(x.device).validate(tuple(x.shape[2:]), batch_size=len(x),
+                                            num_classes=len(self.model.class_names))
     feats, weights = _encode(self, x, stats, prompts.classes)
     masks, iou = self.model.decode(feats, prompts, multimask_output=multimask_for(prompts))
     return torch.sigmoid(best_mask(masks, iou)[:, 0].float()), weights
@@ -225,7 +243,8 @@ def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prom
                      stats: Mapping[str, Tensor] | None = None) -> Tensor:
     "The sliding-window predictor: `B x (1 [+ K+1]) x *window` probability (and weights) of a batch of windows."
     size = tuple(win.shape[2:])
-    shifted = [_shift(items[c[0].start], np.array([s.start for s in c[2:]], dtype=np.float64), size) if items[c[0].start] else None
+    shifted = [_shift(items[c[0].start], np.array([s.start for s in c[2:]], dtype=np.float64), size)
+               if items[c[0].start] else None
                for c in coords]
     groups = defaultdict(list)
     for j, p in enumerate(shifted):
@@ -245,13 +264,14 @@ def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prom
 
 def _infer(self: Segmenter, batch: Tensor, items: Sequence[_Prompt | None], with_weights: bool, progress: bool,
            volume: Tensor) -> Tensor:
-    """`B x (1 [+ K+1]) x *spatial` for a batch of images (B = 1 volume, or the slices of a volume) and one prompt (or None)
-    each; `volume` is the whole `C x *spatial` volume they come from."""
+    """`B x (1 [+ K+1]) x *spatial` for a batch of images (B = 1 volume, or the slices of a volume) and one prompt (or
+    None) each; `volume` is the whole `C x *spatial` volume they come from."""
     run = [i for i, p in enumerate(items) if p is not None or with_weights]
     out = torch.zeros(len(batch), 1 + (len(self.weight_names) if with_weights else 0), *batch.shape[2:])
     if not run: return out
     x = _pad_to(batch[run], self.patch_size)
-    # z-score experts normalise every window with the whole volume's statistics, as nnU-Net normalised their training data
+    # z-score experts normalise every window with the whole volume's statistics, as nnU-Net normalised their training
+    # data
     stats = None if self.model.experts is None else self.model.experts.volume_stats(volume)
     predictor = partial(_predict_windows, self, items=[items[i] for i in run], with_weights=with_weights, stats=stats)
     y = sliding_window_inference(x, self.patch_size, self.batch_size, predictor, overlap=self.overlap, mode="gaussian",
@@ -260,7 +280,8 @@ def _infer(self: Segmenter, batch: Tensor, items: Sequence[_Prompt | None], with
     return out
 
 # %% ../nbs/12_infer.ipynb
-def _check_prompt_arrays(points, point_labels, box, shape: Sequence[int]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+def _check_prompt_arrays(points, point_labels, box,
+                         shape: Sequence[int]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     "Validated float64 points `N x d`, int labels `N` and box `2 x d` (voxel coordinates inside `shape`)."
     d, hi = len(shape), np.asarray(shape, dtype=np.float64) - 1
     if points is None and point_labels is not None: raise AmalgamError("point_labels: given without points")
@@ -270,24 +291,30 @@ def _check_prompt_arrays(points, point_labels, box, shape: Sequence[int]) -> tup
             raise AmalgamError(f"points: expected N x {d} voxel coordinates (N >= 1), got shape {points.shape}")
         point_labels = np.ones(len(points), dtype=np.int64) if point_labels is None else np.asarray(point_labels)
         if point_labels.shape != (len(points),) or not np.isin(point_labels, (0, 1)).all():
-            raise AmalgamError(f"point_labels: expected {len(points)} labels, each 1 (positive) or 0 (negative), got {point_labels.tolist()}")
+            raise AmalgamError(f"point_labels: expected {len(points)} labels, each 1 (positive) or 0 (negative), "
+                               f"got {point_labels.tolist()}")
         bad = ~(np.isfinite(points) & (points >= 0) & (points <= hi)).all(1)
         if bad.any():
-            raise AmalgamError(f"points[{int(bad.argmax())}] = {points[bad.argmax()].tolist()}: outside the image of spatial shape {tuple(shape)} "
+            raise AmalgamError(f"points[{int(bad.argmax())}] = {points[bad.argmax()].tolist()}: "
+                               f"outside the image of spatial shape {tuple(shape)} "
                                "(voxel coordinates 0..size-1 per axis, tensor axis order)")
         point_labels = point_labels.astype(np.int64)
     if box is not None:
         box = np.asarray(box, dtype=np.float64)
-        if box.shape != (2, d): raise AmalgamError(f"box: expected 2 x {d} (min corner, max corner), got shape {box.shape}")
+        if box.shape != (2, d):
+            raise AmalgamError(f"box: expected 2 x {d} (min corner, max corner), got shape {box.shape}")
         if not (np.isfinite(box) & (box >= 0) & (box <= hi)).all():
-            raise AmalgamError(f"box {box.tolist()}: outside the image of spatial shape {tuple(shape)} (voxel coordinates 0..size-1 per axis)")
+            raise AmalgamError(f"box {box.tolist()}: outside the image of spatial shape {tuple(shape)} "
+                               "(voxel coordinates 0..size-1 per axis)")
         if (box[0] > box[1]).any():
-            raise AmalgamError(f"box {box.tolist()}: flipped, min corner > max corner on axis {int((box[0] > box[1]).argmax())}")
+            raise AmalgamError(f"box {box.tolist()}: flipped, min corner > max corner on axis "
+                               f"{int((box[0] > box[1]).argmax())}")
     return points, point_labels, box
 
 def _result(self: Segmenter, out: Tensor, return_probability: bool, return_weights: bool) -> SegmentationResult:
     prob = out[0].numpy().astype(np.float32)
-    weights = {n: out[1 + i].numpy().astype(np.float32) for i, n in enumerate(self.weight_names)} if return_weights else None
+    weights = ({n: out[1 + i].numpy().astype(np.float32) for i, n in enumerate(self.weight_names)}
+               if return_weights else None)
     return SegmentationResult((prob > 0.5).astype(np.uint8), prob if return_probability else None, weights)
 
 def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
@@ -300,7 +327,8 @@ def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
     return m
 
 class Segmenter:
-    "A trained KA²ER (or baseline) model that segments whole volumes from prompts: clicks, a box, or a task name (automatic mode)."
+    """A trained KA²ER (or baseline) model that segments whole volumes from prompts: clicks, a box, or a task name
+    (automatic mode)."""
     def __init__(self,
                  model: KA2ER,  # trained model (put in eval mode here)
                  data_config: DataConfig,  # its patch_size is the inference window
@@ -311,8 +339,8 @@ class Segmenter:
                  label_values: Mapping[str, Mapping[str, int | None]] | None = None,  # task -> class -> label value
                 ):
         if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
-            raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config spatial_dims={data_config.spatial_dims}, "
-                               f"patch_size={tuple(data_config.patch_size)}")
+            raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config "
+                               f"spatial_dims={data_config.spatial_dims}, patch_size={tuple(data_config.patch_size)}")
         if batch_size < 1: raise AmalgamError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
         if not 0 <= overlap < 1: raise AmalgamError(f"Segmenter: overlap must be in [0, 1), got {overlap}")
         self.device = torch.device(device)
@@ -326,7 +354,8 @@ class Segmenter:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
-        "The segmenter of a finished training run folder (`config.json` + `model.pt`, experts rebuilt from their folders)."
+        """The segmenter of a finished training run folder (`config.json` + `model.pt`, experts rebuilt from their
+        folders)."""
         model, cfg = load_run(run_dir, device=device), read_run_config(run_dir)
         kwargs.setdefault("label_values", class_label_values(cfg))
         return cls(model, DataConfig.from_dict(cfg["data"]), device, **kwargs)
@@ -372,24 +401,30 @@ class Segmenter:
         return TaskSegmentation(label_map(probs, values), probs, list(classes), values)
 
     def check_task(self, task: str) -> int:
-        "Class-token index of `task` ('task:class', or a task with one class); an `AmalgamError` for an unknown or ambiguous name."
-        if not isinstance(task, str) or not task: raise AmalgamError(f"task: expected a name like 'task:class', got {task!r}")
+        """Class-token index of `task` ('task:class', or a task with one class); an `AmalgamError` for an unknown or
+        ambiguous name."""
+        if not isinstance(task, str) or not task:
+            raise AmalgamError(f"task: expected a name like 'task:class', got {task!r}")
         return self.model.class_index(task)
 
     def segment(self, image, points=None, point_labels=None, box=None, task: str | None = None,
                 return_probability: bool = False, return_weights: bool = False, progress: bool = False,
                 mask_input=None) -> SegmentationResult:
-        """Segment one volume `C x *spatial` (raw intensities, tensor axis order) from clicks (`N x 3` voxel coordinates, labels 1/0,
-        default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task` ('task:class'; alone: automatic mode).
-        `mask_input`: logits `*spatial` of a previous prediction to refine (SAM's mask input; e.g. `logit(result.probability)`)."""
+        """Segment one volume `C x *spatial` (raw intensities, tensor axis order) from clicks (`N x 3` voxel
+        coordinates, labels 1/0, default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task`
+        ('task:class'; alone: automatic mode). `mask_input`: logits `*spatial` of a previous prediction to refine
+        (SAM's mask input; e.g. `logit(result.probability)`)."""
         x = _as_volume(image, self.model.foundation.in_channels)
         mask_input = _mask_input(mask_input, x.shape[1:])
         points, point_labels, box = _check_prompt_arrays(points, point_labels, box, x.shape[1:])
         cls = self.check_task(task) if task is not None else None
-        if points is None and box is None and cls is None: raise AmalgamError("segment: no prompt; give points, a box, or a task for automatic mode")
-        return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
+        if points is None and box is None and cls is None:
+            raise AmalgamError("segment: no prompt; give points, a box, or a task for automatic mode")
+        # the baseline has no experts: expert_weights stays None
+        return_weights = return_weights and bool(self.weight_names)
         if self.spatial_dims == 3:
-            out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls, mask_input)], return_weights, progress, x)[0]
+            out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls, mask_input)], return_weights, progress,
+                         x)[0]
             return _result(self, out, return_probability, return_weights)
         boxes, clicks = {}, {}
         if box is not None:
@@ -405,27 +440,31 @@ class Segmenter:
                        points: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None, task: str | None = None,
                        return_probability: bool = False, return_weights: bool = False, progress: bool = False,
                        slices_all: bool | None = None, mask_input=None) -> SegmentationResult:
-        """2D models: segment a volume slice by slice along its first spatial axis with per-slice prompts: `boxes` {slice: 2 x 2 box
-        (row, col)}, `points` {slice: (N x 2 coordinates, N labels)}; a `task` prompts every slice (automatic mode) unless
-        `slices_all=False`, when it only conditions the prompted slices. Slices without any prompt are background. `mask_input`:
-        logits of a previous prediction of the volume (`*spatial`); each prompted slice gets its own slice as mask input."""
+        """2D models: segment a volume slice by slice along its first spatial axis with per-slice prompts: `boxes`
+        {slice: 2 x 2 box (row, col)}, `points` {slice: (N x 2 coordinates, N labels)}; a `task` prompts every slice
+        (automatic mode) unless `slices_all=False`, when it only conditions the prompted slices. Slices without any
+        prompt are background. `mask_input`: logits of a previous prediction of the volume (`*spatial`); each prompted
+        slice gets its own slice as mask input."""
         if self.spatial_dims != 2: raise AmalgamError("segment_slices: this is a 3D model; use segment with 3D prompts")
         x = _as_volume(image, self.model.foundation.in_channels)
         n, plane = x.shape[1], tuple(x.shape[2:])
         mask_input = _mask_input(mask_input, x.shape[1:])
         cls = self.check_task(task) if task is not None else None
-        return_weights = return_weights and bool(self.weight_names)  # the baseline has no experts: expert_weights stays None
+        # the baseline has no experts: expert_weights stays None
+        return_weights = return_weights and bool(self.weight_names)
         items: list[_Prompt | None] = [None] * n
         slices_all = cls is not None if slices_all is None else slices_all
         keys = set(boxes or {}) | set(points or {})
         for z in keys:
-            if not isinstance(z, (int, np.integer)) or not 0 <= z < n: raise AmalgamError(f"slice index {z!r}: outside 0..{n - 1}")
+            if not isinstance(z, (int, np.integer)) or not 0 <= z < n:
+                raise AmalgamError(f"slice index {z!r}: outside 0..{n - 1}")
         for z in range(n) if slices_all else sorted(keys):
             pts, lab = (points or {}).get(z, (None, None))
             try: pts, lab, b = _check_prompt_arrays(pts, lab, (boxes or {}).get(z), plane)
             except AmalgamError as e: raise AmalgamError(f"slice {z}: {e}") from None
             items[z] = _Prompt(pts, lab, b, cls, None if mask_input is None else mask_input[z])
-        if not any(items) and not return_weights: raise AmalgamError("segment_slices: no prompt on any slice; give boxes, points or a task")
+        if not any(items) and not return_weights:
+            raise AmalgamError("segment_slices: no prompt on any slice; give boxes, points or a task")
         out = _infer(self, x.permute(1, 0, 2, 3), items, return_weights, progress, x)
         return _result(self, out.permute(1, 0, 2, 3), return_probability, return_weights)
 
@@ -444,16 +483,20 @@ def _corrective(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int] | No
     return None if c is None else (np.asarray(c[0], dtype=np.float64), int(c[1]))
 
 def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class_name: str) -> np.ndarray:
-    "The uint8 mask (tensor axis order) `segmenter` gives `image` in evaluation `mode` (one of `EVAL_MODES`), prompts simulated from the bool `gt_mask` of `class_name` ('task:class')."
+    """The uint8 mask (tensor axis order) `segmenter` gives `image` in evaluation `mode` (one of `EVAL_MODES`), prompts
+    simulated from the bool `gt_mask` of `class_name` ('task:class')."""
     if mode not in EVAL_MODES: raise AmalgamError(f"mode {mode!r}: expected one of {EVAL_MODES}")
     gt = np.asarray(gt_mask).astype(bool)
-    if gt.shape != tuple(np.shape(image)[1:]): raise AmalgamError(f"gt_mask: shape {gt.shape} differs from the image's spatial shape {tuple(np.shape(image)[1:])}")
+    if gt.shape != tuple(np.shape(image)[1:]):
+        raise AmalgamError(f"gt_mask: shape {gt.shape} differs from the image's spatial shape "
+                           f"{tuple(np.shape(image)[1:])}")
     segmenter.check_task(class_name)
     if mode == "auto": return segmenter.segment(image, task=class_name).mask
     if not gt.any(): return np.zeros(gt.shape, np.uint8)
     n_rounds = 3 if mode == "click3" else 1
     if segmenter.spatial_dims == 3:
-        if mode == "box": return segmenter.segment(image, box=box_from_mask(torch.from_numpy(gt), 0.0, None).numpy()).mask
+        if mode == "box":
+            return segmenter.segment(image, box=box_from_mask(torch.from_numpy(gt), 0.0, None).numpy()).mask
         points, labels = [np.asarray(center_click(torch.from_numpy(gt)), dtype=np.float64)], [1]
         res = segmenter.segment(image, points=np.stack(points), point_labels=labels, return_probability=True)
         for _ in range(n_rounds - 1):
@@ -464,7 +507,8 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
         return res.mask
     zs = _slices_with(gt)
     if mode == "box":
-        return segmenter.segment_slices(image, boxes={z: box_from_mask(torch.from_numpy(gt[z]), 0.0, None).numpy() for z in zs}).mask
+        return segmenter.segment_slices(
+            image, boxes={z: box_from_mask(torch.from_numpy(gt[z]), 0.0, None).numpy() for z in zs}).mask
     clicks = {z: ([np.asarray(center_click(torch.from_numpy(gt[z])), dtype=np.float64)], [1]) for z in zs}
     as_arrays = lambda: {z: (np.stack(p), np.array(l)) for z, (p, l) in clicks.items()}
     res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True)
@@ -474,7 +518,8 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
             if (c := _corrective(res.mask[z], gt[z])) is None: continue
             clicks[z][0].append(c[0]); clicks[z][1].append(c[1]); added = True
         if not added: break
-        res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True, mask_input=_logit(res.probability))
+        res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True,
+                                       mask_input=_logit(res.probability))
     return res.mask
 
 # %% ../nbs/12_infer.ipynb
@@ -513,7 +558,9 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else: raise AmalgamError(f"{p}: input file not found")
     stems = [scan_stem(f) for f in found]
     dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup: raise AmalgamError(f"inputs: several files named {dup} (outputs are named after inputs); pass them in separate runs")
+    if dup:
+        raise AmalgamError(f"inputs: several files named {dup} (outputs are named after inputs); "
+                           "pass them in separate runs")
     return found
 
 @dataclass(eq=False)
@@ -528,20 +575,24 @@ class ScanVolume:
     transform: Compose
 
     def restore(self, maps: Tensor) -> np.ndarray:
-        "`K x *spatial` maps on the working grid (tensor axis order) back on the file's own voxel grid and array order: `K x *file spatial` (linear interpolation where resampled)."
+        """`K x *spatial` maps on the working grid (tensor axis order) back on the file's own voxel grid and array
+        order: `K x *file spatial` (linear interpolation where resampled)."""
         ref = self.reference
-        x = MetaTensor(maps.permute(0, *range(maps.ndim - 1, 0, -1)).float(), meta=dict(ref.meta), applied_operations=list(ref.applied_operations))
+        x = MetaTensor(maps.permute(0, *range(maps.ndim - 1, 0, -1)).float(), meta=dict(ref.meta),
+                       applied_operations=list(ref.applied_operations))
         out = self.transform.inverse({"image": x})["image"]
         return np.asarray(out.detach().cpu().numpy() if isinstance(out, Tensor) else out)
 
 def working_pixdim(config: DataConfig, task: str | None) -> list[float] | None:
-    "The spacing (tensor axis order) a case is resampled to: the task's `pixdim`, or for an unnamed task the one spacing all tasks share (else native)."
+    """The spacing (tensor axis order) a case is resampled to: the task's `pixdim`, or for an unnamed task the one
+    spacing all tasks share (else native)."""
     pixdim = config.pixdim or {}
     if task is not None: return pixdim.get(task.split(":", 1)[0])
     spacings = {tuple(v) for v in pixdim.values()}
     return list(spacings.pop()) if len(spacings) == 1 else None
 
-MAX_VOXELS = 2**28  # per input file (268M voxels, 1 GiB as float32; a 768³ volume is over it): `--max-voxels` raises it
+# per input file (268M voxels, 1 GiB as float32; a 768³ volume is over it): `--max-voxels` raises it
+MAX_VOXELS = 2**28
 
 def _itk_to_nifti(img, path: Path) -> nib.Nifti1Image:
     """A SimpleITK image (LPS world, `z, y, x` arrays) as a NIfTI image in memory: RAS+ affine, `x, y, z` array."""
@@ -596,7 +647,8 @@ def read_scan(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> nib.Nift
     else: raise AmalgamError(f"{path}: input file not found")
     if math.prod(size) * head.GetNumberOfComponents() > max_voxels:
         raise AmalgamError(f"{path}: the header claims {' x '.join(map(str, size))} = {math.prod(size)} voxels, "
-                           f"over the limit of {max_voxels} (raise it with --max-voxels if the image is really that large)")
+                           f"over the limit of {max_voxels} "
+                           "(raise it with --max-voxels if the image is really that large)")
     try: img = reader.Execute()
     except RuntimeError as e:
         raise AmalgamError(f"{path}: cannot read the image data ({_itk_reason(e)})") from None
@@ -610,18 +662,25 @@ def load_volume(path: str | os.PathLike, config: DataConfig, in_channels: int = 
     path = Path(path)
     nifti = read_scan(path, max_voxels)
     shape = tuple(nifti.shape)
-    if len(shape) not in (3, 4): raise AmalgamError(f"{path}: array of shape {shape}; expected a 3D image (x, y, z), channels on a 4th axis")
-    if 0 in shape: raise AmalgamError(f"{path}: axis {shape.index(0)} has zero size (shape {shape}); the image is empty")
+    if len(shape) not in (3, 4):
+        raise AmalgamError(f"{path}: array of shape {shape}; expected a 3D image (x, y, z), channels on a 4th axis")
+    if 0 in shape:
+        raise AmalgamError(f"{path}: axis {shape.index(0)} has zero size (shape {shape}); the image is empty")
     if math.prod(shape) > max_voxels:
         raise AmalgamError(f"{path}: the header claims {' x '.join(map(str, shape))} = {math.prod(shape)} voxels, "
-                           f"over the limit of {max_voxels} (raise it with --max-voxels if the image is really that large)")
+                           f"over the limit of {max_voxels} "
+                           "(raise it with --max-voxels if the image is really that large)")
     affine = np.asarray(nifti.affine, np.float64)
-    if not np.isfinite(affine).all(): raise AmalgamError(f"{path}: the affine (sform/qform) holds NaN/inf values; fix the header's geometry")
+    if not np.isfinite(affine).all():
+        raise AmalgamError(f"{path}: the affine (sform/qform) holds NaN/inf values; fix the header's geometry")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise AmalgamError(f"{path}: singular affine (a zero voxel size or collapsed axes: {affine[:3, :3].tolist()}); fix the header's geometry")
+        raise AmalgamError(f"{path}: singular affine (a zero voxel size or collapsed axes: {affine[:3, :3].tolist()}); "
+                           "fix the header's geometry")
     channels = shape[3] if len(shape) == 4 else 1
-    if channels != in_channels: raise AmalgamError(f"{path}: {channels} channel(s) (shape {shape}) but the model takes {in_channels}")
-    if config.spatial_dims == 3 and min(shape[:3]) < 2: raise AmalgamError(f"{path}: a 2D image (shape {shape}) but the model is 3D; it needs a volume")
+    if channels != in_channels:
+        raise AmalgamError(f"{path}: {channels} channel(s) (shape {shape}) but the model takes {in_channels}")
+    if config.spatial_dims == 3 and min(shape[:3]) < 2:
+        raise AmalgamError(f"{path}: a 2D image (shape {shape}) but the model is 3D; it needs a volume")
     try: data = np.asarray(nifti.dataobj, dtype=np.float32)  # the NIfTI's scaling (scl_slope/inter) applied
     except Exception as e:
         raise AmalgamError(f"{path}: cannot read the image data ({type(e).__name__}: {e}); "
@@ -633,7 +692,8 @@ def load_volume(path: str | os.PathLike, config: DataConfig, in_channels: int = 
     ts = [EnsureChannelFirstd("image", channel_dim="no_channel" if len(shape) == 3 else -1)]
     if config.orientation: ts.append(Orientationd("image", axcodes=config.orientation, labels=None))
     pixdim = working_pixdim(config, task)
-    if pixdim: ts.append(Spacingd("image", pixdim=list(pixdim)[::-1], mode="bilinear"))  # MONAI's axes are the file's: reversed
+    # MONAI's axes are the file's: reversed
+    if pixdim: ts.append(Spacingd("image", pixdim=list(pixdim)[::-1], mode="bilinear"))
     transform = Compose(ts)
     image = transform({"image": image})["image"]
     raw = image.as_tensor().float()
@@ -657,20 +717,24 @@ def _outside(v: np.ndarray, shape: Sequence[int]) -> int | None:
     return int(bad.argmax()) if bad.any() else None
 
 def case_prompts(spec: Mapping, where: str, case: ScanVolume) -> dict:
-    "Keyword arguments of `Segmenter.segment` (voxel coordinates of the working grid, tensor axis order) from one JSON prompt entry (see the schema above); `where` names the file and case in errors."
+    """Keyword arguments of `Segmenter.segment` (voxel coordinates of the working grid, tensor axis order) from one JSON
+    prompt entry (see the schema above); `where` names the file and case in errors."""
     unknown = sorted(set(spec) - set(PROMPT_KEYS))
     if unknown: raise AmalgamError(f"{where}: unknown key(s) {unknown}; allowed: {list(PROMPT_KEYS)}")
     system = spec.get("coordinate_system", "voxel")
-    if system not in ("voxel", "world"): raise AmalgamError(f"{where}: coordinate_system {system!r}: expected 'voxel' or 'world'")
+    if system not in ("voxel", "world"):
+        raise AmalgamError(f"{where}: coordinate_system {system!r}: expected 'voxel' or 'world'")
     points, box = _prompt_array(spec, "points", where, None), _prompt_array(spec, "box", where, 2)
     if points is None and box is None: raise AmalgamError(f"{where}: no prompt (give points and/or a box)")
     if box is not None and (box[0] > box[1]).any():
-        raise AmalgamError(f"{where}: box {box.tolist()} is flipped (min corner > max corner on axis {int((box[0] > box[1]).argmax())})")
+        raise AmalgamError(f"{where}: box {box.tolist()} is flipped "
+                           f"(min corner > max corner on axis {int((box[0] > box[1]).argmax())})")
     labels = spec.get("point_labels")
     if points is not None:
         labels = np.ones(len(points), np.int64) if labels is None else np.asarray(labels)
         if labels.shape != (len(points),) or not np.isin(labels, (0, 1)).all():
-            raise AmalgamError(f"{where}: point_labels must be {len(points)} values, each 1 (positive) or 0 (negative), got {spec['point_labels']!r}")
+            raise AmalgamError(f"{where}: point_labels must be {len(points)} values, "
+                               f"each 1 (positive) or 0 (negative), got {spec['point_labels']!r}")
     elif labels is not None: raise AmalgamError(f"{where}: point_labels given without points")
     file_affine, file_shape = np.asarray(case.nifti.affine, np.float64), case.nifti.shape[:3]
     to_world = (lambda a: voxel_to_world(a, file_affine)) if system == "voxel" else (lambda a: a)
@@ -680,22 +744,28 @@ def case_prompts(spec: Mapping, where: str, case: ScanVolume) -> dict:
         i = _outside(world_to_voxel(to_world(a), file_affine), file_shape)
         if i is not None:
             what = f"point {points[i].tolist()}" if name == "points" else f"box {box.tolist()}"
-            raise AmalgamError(f"{where}: {what} ({system} coordinates) is outside the image of shape {tuple(file_shape)}")
+            raise AmalgamError(f"{where}: {what} ({system} coordinates) is outside the image of shape "
+                               f"{tuple(file_shape)}")
     hi = np.asarray(case.volume.shape[1:], np.float64) - 1
-    into = lambda a: np.clip(world_to_voxel(to_world(a), case.affine), 0, hi)  # resampling may move the image edge by a fraction of a voxel
+    # resampling may move the image edge by a fraction of a voxel
+    into = lambda a: np.clip(world_to_voxel(to_world(a), case.affine), 0, hi)
     if points is not None: points = into(points)
-    if box is not None:  # the box's 8 corners, then their bounding box on the working grid (axes may be flipped or oblique)
+    # the box's 8 corners, then their bounding box on the working grid (axes may be flipped or oblique)
+    if box is not None:
         v = into(corners(box)); box = np.stack([v.min(0), v.max(0)])
     return {"points": points, "point_labels": labels, "box": box, "task": spec.get("task")}
 
 # %% ../nbs/12_infer.ipynb
 def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, dict]:
-    "The JSON prompt entry of every input (top-level `coordinate_system` and `task` inherited by case entries); an `AmalgamError` for a missing or malformed file, an unknown case, or an input without prompts."
+    """The JSON prompt entry of every input (top-level `coordinate_system` and `task` inherited by case entries); an
+    `AmalgamError` for a missing or malformed file, an unknown case, or an input without prompts."""
     path = Path(path)
     if not path.is_file(): raise AmalgamError(f"{path}: prompts file not found")
     try: spec = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError: raise AmalgamError(f"{path}: JSON nested too deeply (a prompts file is a few levels deep)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AmalgamError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AmalgamError(f"{path}: JSON nested too deeply (a prompts file is a few levels deep)") from None
     if not isinstance(spec, dict): raise AmalgamError(f"{path}: expected a JSON object (see `amalgam predict --help`)")
     unknown = sorted(set(spec) - set(PROMPT_KEYS) - {"cases"})
     if unknown: raise AmalgamError(f"{path}: unknown key(s) {unknown}; allowed: {[*PROMPT_KEYS, 'cases']}")
@@ -763,23 +833,31 @@ def _write_task_case(out_dir: Path, case: ScanVolume, task: str, seg: TaskSegmen
 
 def _resolve_device(device: str) -> torch.device:
     try: d = torch.device(device)
-    except RuntimeError: raise AmalgamError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if d.type == "cuda" and not torch.cuda.is_available(): raise AmalgamError(f"--device {device}: CUDA is not available on this machine")
+    except RuntimeError:
+        raise AmalgamError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise AmalgamError(f"--device {device}: CUDA is not available on this machine")
     return d
 
 def _check_output_dir(out_dir: Path) -> None:
     "Refuse an output folder that cannot be created or written, before the model loads; nothing is created here."
-    if out_dir.exists() and not out_dir.is_dir(): raise AmalgamError(f"{out_dir}: output path exists and is not a folder")
-    base = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())  # the folder the output goes into, or would be made in
-    if not base.is_dir(): raise AmalgamError(f"{out_dir}: cannot create the output folder: {base} is a file, not a folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AmalgamError(f"{out_dir}: output path exists and is not a folder")
+    # the folder the output goes into, or would be made in
+    base = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not base.is_dir():
+        raise AmalgamError(f"{out_dir}: cannot create the output folder: {base} is a file, not a folder")
     try: tempfile.TemporaryFile(dir=base).close()
-    except OSError as e: raise AmalgamError(f"{out_dir}: output folder not writable ({base}: {e.strerror or e})") from None
+    except OSError as e:
+        raise AmalgamError(f"{out_dir}: output folder not writable ({base}: {e.strerror or e})") from None
 
 def predict_main(args: argparse.Namespace) -> int:
-    "Run `amalgam predict` on parsed arguments (see `add_predict_parser`); bad input raises `AmalgamError` before any file is written."
+    """Run `amalgam predict` on parsed arguments (see `add_predict_parser`); bad input raises `AmalgamError` before any
+    file is written."""
     if args.auto and not args.task:
         raise AmalgamError("--auto: needs --task NAME ('task:class', or a task for all its classes)")
-    if args.task and not args.auto: raise AmalgamError("--task: only with --auto (to condition clicks on a class, put 'task' in the prompts file)")
+    if args.task and not args.auto:
+        raise AmalgamError("--task: only with --auto (to condition clicks on a class, put 'task' in the prompts file)")
     for flag, value in (("--batch-size", args.batch_size), ("--max-voxels", args.max_voxels)):
         if value < 1: raise AmalgamError(f"{flag} {value}: must be at least 1")
     device = _resolve_device(args.device)
@@ -802,7 +880,8 @@ def predict_main(args: argparse.Namespace) -> int:
         if prompts[p].get("task") is not None and not whole_task:
             try: segmenter.check_task(prompts[p]["task"])
             except AmalgamError as e: raise AmalgamError(f"{where[p]}: {e}") from None
-    load = lambda p: load_volume(p, segmenter.data_config, segmenter.model.foundation.in_channels, prompts[p].get("task"), args.max_voxels)
+    load = lambda p: load_volume(p, segmenter.data_config, segmenter.model.foundation.in_channels,
+                                 prompts[p].get("task"), args.max_voxels)
     for p in inputs:  # every input and prompt is checked before the first output file is written
         case = load(p)
         if not args.auto: case_prompts(prompts[p], where[p], case)
@@ -819,16 +898,23 @@ def predict_main(args: argparse.Namespace) -> int:
 
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     "Add the `predict` sub-command to an `argparse` sub-parsers object; it calls `predict_main` through `fn`."
-    p = subparsers.add_parser("predict", help="segment scans (NIfTI, NRRD, MHA/MHD, DICOM) with a trained run (prompts from a JSON file, or automatic)",
-                              description="Segment scans with a trained KA2ER run: NIfTI, NRRD, MHA/MHD files and DICOM series folders. "
-                              "Masks are NIfTI with the scan's geometry (a NIfTI input's own affine and header). "
-                              "Prompts JSON: {\"coordinate_system\": \"voxel\"|\"world\", \"points\": [[i,j,k],...], \"point_labels\": [1,0,...], "
-                              "\"box\": [[i0,j0,k0],[i1,j1,k1]], \"task\": \"task:class\", \"cases\": {\"file.nii.gz\": {...}}}; voxel = the file's "
-                              "own (i,j,k) indices, world = RAS+ mm whatever the format (negate x and y of LPS coordinates); top-level prompts apply to inputs without a case entry.")
+    p = subparsers.add_parser("predict",
+                              help="segment scans (NIfTI, NRRD, MHA/MHD, DICOM) with a trained run "
+                                   "(prompts from a JSON file, or automatic)",
+                              description="Segment scans with a trained KA2ER run: NIfTI, NRRD, MHA/MHD files and "
+                              "DICOM series folders. Masks are NIfTI with the scan's geometry (a NIfTI input's own "
+                              "affine and header). Prompts JSON: {\"coordinate_system\": \"voxel\"|\"world\", "
+                              "\"points\": [[i,j,k],...], \"point_labels\": [1,0,...], "
+                              "\"box\": [[i0,j0,k0],[i1,j1,k1]], \"task\": \"task:class\", "
+                              "\"cases\": {\"file.nii.gz\": {...}}}; voxel = the file's own (i,j,k) indices, "
+                              "world = RAS+ mm whatever the format (negate x and y of LPS coordinates); "
+                              "top-level prompts apply to inputs without a case entry.")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("-r", "--run", help="training run folder (config.json + model.pt)")
     model.add_argument("-m", "--model", help="bundle zip made by `amalgam export` (self-contained, checked on load)")
-    p.add_argument("-i", "--input", nargs="+", required=True, help="image file(s) (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), folder(s) of them, and/or DICOM series folder(s)")
+    p.add_argument("-i", "--input", nargs="+", required=True,
+                   help="image file(s) (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), folder(s) of them, and/or DICOM "
+                        "series folder(s)")
     p.add_argument("-o", "--output", required=True, help="output folder (created; masks are named after the inputs)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--prompts", help="JSON file of clicks/boxes (schema above)")
@@ -837,16 +923,19 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
                                    "with the task's label values)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <name>_probability.nii.gz (a whole task: <name>_probabilities.nii.gz, 4D, + .json)")
-    p.add_argument("--save-weights", action="store_true", help="also write <name>_weights_<expert>.nii.gz amalgamation weight maps")
+    p.add_argument("--save-weights", action="store_true",
+                   help="also write <name>_weights_<expert>.nii.gz amalgamation weight maps")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=16, help="sliding windows per forward pass")
     p.add_argument("--max-voxels", type=int, default=MAX_VOXELS,
-                   help=f"refuse an input whose header claims more voxels (default {MAX_VOXELS} = 2^28, 1 GiB as float32)")
+                   help=f"refuse an input whose header claims more voxels "
+                        f"(default {MAX_VOXELS} = 2^28, 1 GiB as float32)")
     p.set_defaults(fn=predict_main)
     return p
 
 def predict_cli(argv: Sequence[str] | None = None) -> int:
-    "`amalgam predict` as a stand-alone entry point: parse `argv`, run, return the exit code (2 and one line on stderr for bad input)."
+    """`amalgam predict` as a stand-alone entry point: parse `argv`, run, return the exit code (2 and one line on stderr
+    for bad input)."""
     parser = argparse.ArgumentParser(prog="amalgam")
     add_predict_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["predict", *(sys.argv[1:] if argv is None else argv)])

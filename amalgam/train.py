@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, key_coverage, load_weights, remove_stale_temporaries,
-                            rng, seed_everything, sha256_file, write_json)
+from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, key_coverage, load_weights,
+                            remove_stale_temporaries, rng, seed_everything, sha256_file, write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
@@ -58,7 +58,8 @@ class TrainConfig(DictConfig):
     amp: str = "auto"  # "auto": bf16 autocast on CUDA devices that support it; "bf16": always (also CPU); "off"
     checkpoint_every: int = 50  # steps between checkpoints (the last step is always checkpointed)
     log_every: int = 10  # steps between metrics.jsonl lines (the last step is always logged)
-    corrective_clicks: int = 1  # SAM-style: a points batch gets 0 ... this many extra clicks from a no-grad pass's error (`click_rounds`)
+    # SAM-style: a points batch gets 0 ... this many extra clicks from a no-grad pass's error (`click_rounds`)
+    corrective_clicks: int = 1
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"; under torchrun each rank uses cuda:LOCAL_RANK when this is CUDA
     seed: int = 0  # global RNGs and the corrective-click streams
 
@@ -68,39 +69,48 @@ class TrainConfig(DictConfig):
         need(isinstance(self.steps, int) and self.steps >= 1, f"steps: expected an integer >= 1, got {self.steps!r}")
         need(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
         need(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay!r}")
-        need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps, f"warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps,
+             f"warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
         need(self.schedule in _SCHEDULES, f"schedule: expected one of {list(_SCHEDULES)}, got {self.schedule!r}")
         need(self.poly_power > 0, f"poly_power: must be > 0, got {self.poly_power!r}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         need(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
         need(self.amp in _AMP_MODES, f"amp: expected one of {list(_AMP_MODES)}, got {self.amp!r}")
-        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1, f"checkpoint_every: expected an integer >= 1, got {self.checkpoint_every!r}")
-        need(isinstance(self.log_every, int) and self.log_every >= 1, f"log_every: expected an integer >= 1, got {self.log_every!r}")
-        need(isinstance(self.corrective_clicks, int) and self.corrective_clicks >= 0, f"corrective_clicks: expected an integer >= 0, got {self.corrective_clicks!r}")
+        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1,
+             f"checkpoint_every: expected an integer >= 1, got {self.checkpoint_every!r}")
+        need(isinstance(self.log_every, int) and self.log_every >= 1,
+             f"log_every: expected an integer >= 1, got {self.log_every!r}")
+        need(isinstance(self.corrective_clicks, int) and self.corrective_clicks >= 0,
+             f"corrective_clicks: expected an integer >= 0, got {self.corrective_clicks!r}")
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed: expected a non-negative integer, got {self.seed!r}")
         try: torch.device(self.device)
         except RuntimeError: need(False, f"device: {self.device!r} is not a torch device")
 
 # %% ../nbs/11_train.ipynb
 def lr_factor(step: int, config: TrainConfig) -> float:
-    "Multiplier of `config.lr` at optimizer step `step` (0-based): linear warm-up, then cosine or poly decay to `min_lr_ratio`."
+    """Multiplier of `config.lr` at optimizer step `step` (0-based): linear warm-up, then cosine or poly decay to
+    `min_lr_ratio`."""
     c = config
     return warmup_decay(step, c.steps, c.warmup_steps, c.min_lr_ratio, c.schedule, c.poly_power)
 
 # %% ../nbs/11_train.ipynb
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm, LayerNormChannels)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm,
+          LayerNormChannels)
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "AdamW parameter groups of the trainable parameters: `weight_decay` on weight matrices/kernels, none on norms, biases, embeddings and scalars."
+    """AdamW parameter groups of the trainable parameters: `weight_decay` on weight matrices/kernels, none on norms,
+    biases, embeddings and scalars."""
     decay, no_decay = [], []
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad: continue
-            skip = p.ndim <= 1 or isinstance(module, (nn.Embedding, *_NORMS)) or pname.endswith("relative_position_bias_table")
+            skip = (p.ndim <= 1 or isinstance(module, (nn.Embedding, *_NORMS))
+                    or pname.endswith("relative_position_bias_table"))
             (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: nn.Module,
+                    config: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     "AdamW over the model's trainable parameters and its warm-up + decay `LambdaLR` (stepped once per optimizer step)."
     opt = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
@@ -118,7 +128,8 @@ class DistContext:
     def distributed(self) -> bool: return self.world_size > 1
 
 def distributed_context(device: str = "cpu") -> DistContext:
-    "The rank, world size and device of this process; joins the torchrun process group if `WORLD_SIZE > 1` and none is initialised yet."
+    """The rank, world size and device of this process; joins the torchrun process group if `WORLD_SIZE > 1` and none is
+    initialised yet."""
     dev = torch.device(device)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1: return DistContext(device=dev)
@@ -143,20 +154,23 @@ def task_experts(experts: ExpertBank | None, tasks: Sequence[str]) -> dict[str, 
     if experts is None: return {}
     out = {}
     for e in experts:
-        if e.task in out: raise AmalgamError(f"experts {out[e.task]!r} and {e.name!r} were both trained on task {e.task!r}: which one teaches it is ambiguous; keep one")
+        if e.task in out:
+            raise AmalgamError(f"experts {out[e.task]!r} and {e.name!r} were both trained on task {e.task!r}: "
+                               "which one teaches it is ambiguous; keep one")
         out[e.task] = e.name
     return {t: n for t, n in out.items() if t in tasks}
 
 def teacher_rows(tasks: Sequence[str], experts_of: Mapping[str, str]) -> dict[str, list[int]]:
-    "expert -> the batch indices of the elements it teaches (their task is its task), for `ExpertBank.encode(logits=...)`."
+    """expert -> the batch indices of the elements it teaches (their task is its task), for
+    `ExpertBank.encode(logits=...)`."""
     rows: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         if t in experts_of: rows.setdefault(experts_of[t], []).append(i)
     return rows
 
 def teacher_channel(expert: Expert, value: int) -> int:
-    """The output channel of label value `value` in `expert`: nnU-Net's label manager orders an expert's label values into
-    channels, so the channel equals the value only when the values are 0, 1, 2, ... without gaps."""
+    """The output channel of label value `value` in `expert`: nnU-Net's label manager orders an expert's label values
+    into channels, so the channel equals the value only when the values are 0, 1, 2, ... without gaps."""
     values = list(expert.label_manager.all_labels)
     if int(value) not in values:
         raise AmalgamError(f"expert {expert.name!r} ({expert.source or 'in memory'}) has no label value {int(value)} "
@@ -166,9 +180,9 @@ def teacher_channel(expert: Expert, value: int) -> int:
 def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts: ExpertBank, experts_of: Mapping[str, str],
                     temperature: float, confidence: float = 0.0) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """Distillation targets of a batch: (per element the softened probability of its prompted class under its own task's
-    expert, `B x 1 x *patch`, None when no element has a teacher; a bool mask `B` of the elements that have one; the voxels
-    to distil, `B x 1 x *patch` where the teacher's top class probability reaches `confidence`, None when `confidence` is 0).
-    `logits[expert]` holds the logits of that expert's elements only, in batch order: what
+    expert, `B x 1 x *patch`, None when no element has a teacher; a bool mask `B` of the elements that have one; the
+    voxels to distil, `B x 1 x *patch` where the teacher's top class probability reaches `confidence`, None when
+    `confidence` is 0). `logits[expert]` holds the logits of that expert's elements only, in batch order: what
     `ExpertBank.encode(image, logits=teacher_rows(batch.task, experts_of))` returns."""
     rows = teacher_rows(batch.task, experts_of)
     has = torch.tensor([t in experts_of for t in batch.task], dtype=torch.bool)
@@ -190,30 +204,36 @@ def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts: ExpertB
 
 # %% ../nbs/11_train.ipynb
 def multimask_for(prompts: Prompts) -> bool:
-    "SAM's rule: ambiguity-aware multi-mask output only when every element is prompted by exactly one click (no box, no mask, no class)."
+    """SAM's rule: ambiguity-aware multi-mask output only when every element is prompted by exactly one click
+    (no box, no mask, no class)."""
     if prompts.points is None or prompts.boxes is not None or prompts.masks is not None: return False
     if prompts.classes is not None and bool((prompts.classes != -1).any()): return False
     return bool(((prompts.point_labels != -1).sum(1) == 1).all())
 
 def best_mask(masks: Tensor, iou: Tensor) -> Tensor:
-    "Per element the mask logits with the highest predicted IoU: `B x 1 x *spatial` (SAM's choice among multi-mask outputs)."
+    """Per element the mask logits with the highest predicted IoU: `B x 1 x *spatial` (SAM's choice among multi-mask
+    outputs)."""
     idx = iou.argmax(1)
     return masks[torch.arange(len(masks), device=masks.device), idx][:, None]
 
-def add_click(prompts: Prompts, clicks: Sequence[tuple[Tensor, int] | None], mask_logits: Tensor | None = None) -> Prompts:
-    "The prompts with one more click per element (`None`: no click, a padding entry keeps the `B x N x d` layout) and, if given, `mask_logits` (`B x 1 x *low_res`) as the mask prompt."
+def add_click(prompts: Prompts, clicks: Sequence[tuple[Tensor, int] | None],
+              mask_logits: Tensor | None = None) -> Prompts:
+    """The prompts with one more click per element (`None`: no click, a padding entry keeps the `B x N x d` layout) and,
+    if given, `mask_logits` (`B x 1 x *low_res`) as the mask prompt."""
     b, d = len(clicks), len(next((c[0] for c in clicks if c is not None), torch.zeros(prompts.points.shape[-1])))
     coords = torch.zeros(b, 1, d, dtype=prompts.points.dtype, device=prompts.points.device)
     labels = torch.full((b, 1), -1, dtype=prompts.point_labels.dtype, device=prompts.point_labels.device)
     for i, c in enumerate(clicks):
         if c is not None: coords[i, 0], labels[i, 0] = torch.as_tensor(c[0], dtype=coords.dtype), int(c[1])
-    return dataclasses.replace(prompts, points=torch.cat([prompts.points, coords], 1), point_labels=torch.cat([prompts.point_labels, labels], 1),
+    return dataclasses.replace(prompts, points=torch.cat([prompts.points, coords], 1),
+                               point_labels=torch.cat([prompts.point_labels, labels], 1),
                                masks=mask_logits if mask_logits is not None else prompts.masks)
 
 # %% ../nbs/11_train.ipynb
 @dataclass
 class StepContext:
-    "What a step needs besides the batch: the model (DDP-wrapped or not) and the bare module, the loss, configs and this rank's place."
+    """What a step needs besides the batch: the model (DDP-wrapped or not) and the bare module, the loss, configs and
+    this rank's place."""
     model: nn.Module  # what the training pass calls (DDP wrapper under torchrun)
     module: KA2ER  # the bare model (no-grad passes skip DDP's bookkeeping)
     experts: ExpertBank | None
@@ -223,7 +243,8 @@ class StepContext:
     config: TrainConfig
     dist: DistContext
     volume_stats: dict[str, Tensor] | None = None  # expert -> N_cases x C x 2 whole-case normalisation statistics
-    teachers: ExpertBank | None = None  # the experts that distil, when not the amalgamated ones (the experts_k ablation)
+    # the experts that distil, when not the amalgamated ones (the experts_k ablation)
+    teachers: ExpertBank | None = None
     teacher_stats: dict[str, Tensor] | None = None  # `volume_stats` of `teachers`
     teacher_model: KA2ER | None = None  # a trained KA²ER that distils into an expert-free student (`amalgam.student`)
     teacher_model_stats: dict[str, Tensor] | None = None  # `volume_stats` of the teacher model's experts
@@ -236,8 +257,9 @@ def own_expert(tasks: Sequence[str], model: KA2ER) -> Tensor:
     return torch.tensor([task_of.get(t, -1) for t in tasks], dtype=torch.long)
 
 def expert_volume_stats(experts: ExpertBank | None, dataset: MultiTaskDataset) -> dict[str, Tensor] | None:
-    """expert -> `N x C x 2`: each expert's normalisation statistics of every case of `dataset`, computed once, so that a
-    z-score expert normalises a patch with its whole volume's mean and std, as nnU-Net normalised its training data."""
+    """expert -> `N x C x 2`: each expert's normalisation statistics of every case of `dataset`, computed once, so that
+    a z-score expert normalises a patch with its whole volume's mean and std, as nnU-Net normalised its training
+    data."""
     if experts is None: return None
     per_case = [experts.volume_stats(dataset[i]["image"]) for i in range(len(dataset))]
     return {n: torch.stack([s[n] for s in per_case]) for n in experts.names}
@@ -249,7 +271,8 @@ def case_stats(table: Mapping[str, Tensor] | None, case_index: Sequence[int]) ->
     return {n: t[idx] for n, t in table.items()}
 
 def _multimask(prompts: Prompts, ctx: DistContext) -> bool:
-    "`multimask_for` over the GLOBAL batch: under DDP every rank must pick the same head, or the ranks would train different losses."
+    """`multimask_for` over the GLOBAL batch: under DDP every rank must pick the same head, or the ranks would train
+    different losses."""
     flag = multimask_for(prompts)
     if not ctx.distributed: return flag
     t = torch.tensor([int(flag)], device=ctx.device)
@@ -266,7 +289,8 @@ def click_rounds(config: TrainConfig, step: int) -> int:
 def _corrective_prompts(s: StepContext, batch: Batch, prompts: Prompts, feats, step: int, rounds: int) -> Prompts:
     """`rounds` rounds of: predict without gradients, click into each element's largest error (a padding entry where
     there is none), feed the logits back as a mask prompt."""
-    gens = [rng(s.config.seed, "click", step, s.dist.rank + s.dist.world_size * i) for i in range(len(batch.task))]  # global element index
+    # global element index
+    gens = [rng(s.config.seed, "click", step, s.dist.rank + s.dist.world_size * i) for i in range(len(batch.task))]
     target = batch.target[:, 0] > 0.5
     for _ in range(rounds):
         with torch.no_grad(), autocast(s.config, s.dist.device):
@@ -300,7 +324,8 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     rows = teacher_rows(batch.task, s.experts_of)
     teachers = s.experts if s.teachers is None else s.teachers
     if s.experts is not None and rows and teachers is s.experts:  # one encoder pass: features and teachers' logits
-        feats, logits = s.experts.encode(batch.image, logits=rows, stats=stats, taps=s.module.expert_taps)  # each in its own precision (Expert.amp)
+        # each in its own precision (Expert.amp)
+        feats, logits = s.experts.encode(batch.image, logits=rows, stats=stats, taps=s.module.expert_taps)
     elif s.experts is not None: feats = s.experts.encode(batch.image, stats=stats, taps=s.module.expert_taps)
     if rows and teachers is not s.experts:
         _, logits = teachers.encode(batch.image, logits=rows, stats=case_stats(s.teacher_stats, batch.case_index))
@@ -328,11 +353,13 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
 
 # %% ../nbs/11_train.ipynb
 def rng_state() -> dict:
-    "The global RNG states (torch CPU and CUDA, NumPy, Python) as plain tensors/lists, loadable with `torch.load(weights_only=True)`."
+    """The global RNG states (torch CPU and CUDA, NumPy, Python) as plain tensors/lists, loadable with
+    `torch.load(weights_only=True)`."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
             "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
 
 def set_rng_state(state: Mapping) -> None:
@@ -344,34 +371,42 @@ def set_rng_state(state: Mapping) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
-def save_checkpoint(path: str | os.PathLike, model: KA2ER, optimizer, scheduler, step: int, config: Mapping, last: Mapping | None = None) -> Path:
-    "Write `path` atomically: weights, optimizer, scheduler, RNG states, `step` (= the data position: the next step to run), the run config and the last logged metrics."
+def save_checkpoint(path: str | os.PathLike, model: KA2ER, optimizer, scheduler, step: int, config: Mapping,
+                    last: Mapping | None = None) -> Path:
+    """Write `path` atomically: weights, optimizer, scheduler, RNG states, `step` (= the data position: the next step to
+    run), the run config and the last logged metrics."""
     path = Path(path)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             "step": int(step), "data_position": int(step), "config": json.dumps(config, sort_keys=True), "last": dict(last or {})}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "step": int(step), "data_position": int(step),
+             "config": json.dumps(config, sort_keys=True), "last": dict(last or {})}
     with atomic_path(path) as tmp: torch.save(state, tmp)
     return path
 
 def _torch_load(path: Path, what: str) -> dict:
     obj = load_weights(path, what)
-    if not isinstance(obj, dict) or "model" not in obj: raise AmalgamError(f"{path}: not an amalgam {what} (expected a dict with a 'model' state_dict)")
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise AmalgamError(f"{path}: not an amalgam {what} (expected a dict with a 'model' state_dict)")
     return obj
 
 def load_state(model: nn.Module, state: Mapping, path: str | os.PathLike) -> None:
-    "`model.load_state_dict(state, strict=True)`, with missing/unexpected keys and shape mismatches reported as an `AmalgamError` naming `path`."
+    """`model.load_state_dict(state, strict=True)`, with missing/unexpected keys and shape mismatches reported as an
+    `AmalgamError` naming `path`."""
     coverage = key_coverage(model, state)
     if not coverage.complete:
         raise AmalgamError(f"{path}: weights do not fit the model its config describes ({coverage.describe()})")
     model.load_state_dict(state, strict=True)
 
 # %% ../nbs/11_train.ipynb
-_VOLATILE = {"train.device", "train.log_every", "train.checkpoint_every"}  # may change on resume: they do not change the trajectory on one device
+# may change on resume: they do not change the trajectory on one device
+_VOLATILE = {"train.device", "train.log_every", "train.checkpoint_every"}
 
 def _manifest_refs(manifests: Sequence[Manifest | str | os.PathLike]) -> list[dict]:
     out = []
     for m in manifests:
         path = m.path if isinstance(m, Manifest) else Path(m)
-        if path is None: raise AmalgamError("manifests: a Manifest without a file path cannot be recorded in config.json; pass its path")
+        if path is None:
+            raise AmalgamError("manifests: a Manifest without a file path cannot be recorded in config.json; "
+                               "pass its path")
         if not Path(path).is_file(): raise AmalgamError(f"{path}: manifest not found")
         out.append({"path": str(Path(path).resolve()), "sha256": sha256_file(path)})
     return out
@@ -381,9 +416,11 @@ def _expert_sources(experts: ExpertBank | None, sources: list[dict] | None) -> l
         if sources: raise AmalgamError("expert_sources given but experts is None (the baseline has no experts)")
         return []
     if sources is None:
-        return [{"name": e.name, "task": e.task, "folder": str(e.source) if e.source else None, "fold": None, "labels": dict(e.labels)} for e in experts]
+        return [{"name": e.name, "task": e.task, "folder": str(e.source) if e.source else None, "fold": None,
+                 "labels": dict(e.labels)} for e in experts]
     names = sorted(s.get("name") for s in sources)
-    if names != sorted(experts.names): raise AmalgamError(f"expert_sources: names {names} differ from the expert bank's {sorted(experts.names)}")
+    if names != sorted(experts.names):
+        raise AmalgamError(f"expert_sources: names {names} differ from the expert bank's {sorted(experts.names)}")
     return [dict(s) for s in sources]
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
@@ -413,9 +450,11 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file(): raise AmalgamError(f"{path}: not found; {Path(run_dir)} is not a training run folder")
     try: cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in ("model", "data", "train", "loss", "experts", "manifests") if not isinstance(cfg, dict) or k not in cfg]
+    missing = [k for k in ("model", "data", "train", "loss", "experts", "manifests")
+               if not isinstance(cfg, dict) or k not in cfg]
     if missing: raise AmalgamError(f"{path}: missing key(s) {missing}")
-    for key, cls in (("model", KA2ERConfig), ("data", DataConfig)):  # what loading the run builds: checked here, named by this file
+    # what loading the run builds: checked here, named by this file
+    for key, cls in (("model", KA2ERConfig), ("data", DataConfig)):
         cls.from_dict(cfg[key], f"{path}: {key}")
     return cfg
 
@@ -484,13 +523,16 @@ def _reduce_mean(values: dict[str, Tensor], ctx: DistContext) -> dict[str, float
     return {k: float(v) for k, v in zip(values, t.cpu())}
 
 # %% ../nbs/11_train.ipynb
-def _check_setup(model_config: KA2ERConfig, data_config: DataConfig, labels: Mapping[str, Mapping[str, int]], experts: ExpertBank | None) -> None:
+def _check_setup(model_config: KA2ERConfig, data_config: DataConfig, labels: Mapping[str, Mapping[str, int]],
+                 experts: ExpertBank | None) -> None:
     if model_config.spatial_dims != data_config.spatial_dims:
-        raise AmalgamError(f"model_config.spatial_dims={model_config.spatial_dims} but data_config.spatial_dims={data_config.spatial_dims}")
+        raise AmalgamError(f"model_config.spatial_dims={model_config.spatial_dims} "
+                           f"but data_config.spatial_dims={data_config.spatial_dims}")
     for e in experts or ():
         if e.task in labels and e.num_classes <= max(labels[e.task].values()):
-            raise AmalgamError(f"expert {e.name!r} has {e.num_classes} output channels but task {e.task!r} has label values up to "
-                               f"{max(labels[e.task].values())} ({labels[e.task]}); it cannot teach that task")
+            raise AmalgamError(f"expert {e.name!r} has {e.num_classes} output channels but task {e.task!r} "
+                               f"has label values up to {max(labels[e.task].values())} ({labels[e.task]}); "
+                               "it cannot teach that task")
 
 def _init_weights(module: KA2ER, state: Mapping[str, Tensor], source: Mapping, ctx: DistContext) -> None:
     "A new run's first weights: every tensor of `module` from `state` (all must be there, in shape); says what it took."
@@ -505,25 +547,30 @@ def _build(model_config: KA2ERConfig, experts: ExpertBank | None, ctx: DistConte
     model = build_model(model_config, experts).to(ctx.device).train()
     if experts is not None: experts.to(ctx.device)
     if not ctx.distributed: return model, model
-    # one mode per global batch: box/class tokens, the single- or multi-mask head and the mask-prompt path are unused in some steps
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+    # one mode per global batch: box/class tokens, the single- or multi-mask head and the mask-prompt path are unused
+    # in some steps
+    ddp = nn.parallel.DistributedDataParallel(model,
+                                              device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                               find_unused_parameters=True, broadcast_buffers=False)
     return model, ddp
 
-def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.PathLike], model_config: KA2ERConfig, data_config: DataConfig,
-          train_config: TrainConfig, loss_config: LossConfig, experts: ExpertBank | None, expert_sources: list[dict] | None = None,
+def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.PathLike], model_config: KA2ERConfig,
+          data_config: DataConfig, train_config: TrainConfig, loss_config: LossConfig, experts: ExpertBank | None,
+          expert_sources: list[dict] | None = None,
           resume: bool = True, progress: bool = True, root: str | os.PathLike | None = None,
           teachers: ExpertBank | None = None, teacher_sources: list[dict] | None = None,
           teacher_model: KA2ER | None = None, teacher_source: Mapping | None = None,
           init_state: Mapping[str, Tensor] | None = None, init_source: Mapping | None = None) -> dict:
-    """Train KA²ER (or the baseline, `experts=None`) into `run_dir` and return a summary (final step, last losses, seconds).
+    """Train KA²ER (or the baseline, `experts=None`) into `run_dir` and return a summary (final step, last losses,
+    seconds).
 
-    `resume=True` continues from `run_dir/checkpoints/last.pt` when it exists (the configs must match the saved `config.json`);
-    `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model, if it is a run of the
-    same origin (trained from its initialisation, a student of the same teacher, or initialised from the same weights).
-    `run_dir` must otherwise be new or empty: a folder of other files is refused, never written into. `root`: the nnUNet_raw folder
-    of the materialised manifests (default `$nnUNet_raw`). `teachers`: the experts that distil, when they are not `experts`
-    (the `experts_k` ablation amalgamates fewer experts but keeps every task's teacher, so that only the features differ).
+    `resume=True` continues from `run_dir/checkpoints/last.pt` when it exists (the configs must match the saved
+    `config.json`); `resume=False` starts from step 0 and replaces the run's checkpoint, metrics and final model, if it
+    is a run of the same origin (trained from its initialisation, a student of the same teacher, or initialised from the
+    same weights). `run_dir` must otherwise be new or empty: a folder of other files is refused, never written into.
+    `root`: the nnUNet_raw folder of the materialised manifests (default `$nnUNet_raw`). `teachers`: the experts that
+    distil, when they are not `experts` (the `experts_k` ablation amalgamates fewer experts but keeps every task's
+    teacher, so that only the features differ).
     `teacher_model`: a trained KA²ER that distils its masks into this expert-free model (`experts=None`), which starts
     from the teacher's weights; `teacher_source` (where it came from) is recorded in `config.json` as `teacher_run`
     (see `amalgam.student`). `init_state`: the weights any other new run starts from instead of its initialisation
@@ -539,12 +586,14 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
         raise AmalgamError("train: init_state and init_source go together (the weights and where they came from)")
     ctx = distributed_context(train_config.device)
     manifests = [m if isinstance(m, Manifest) else load_manifest(m) for m in manifests]
-    config = {"model": model_config.to_dict(), "data": data_config.to_dict(), "train": train_config.to_dict(), "loss": loss_config.to_dict(),
-              "experts": _expert_sources(experts, expert_sources), "manifests": _manifest_refs(manifests)}
+    config = {"model": model_config.to_dict(), "data": data_config.to_dict(), "train": train_config.to_dict(),
+              "loss": loss_config.to_dict(), "experts": _expert_sources(experts, expert_sources),
+              "manifests": _manifest_refs(manifests)}
     if teachers is not None: config["teachers"] = _expert_sources(teachers, teacher_sources)
     if teacher_model is not None: config["teacher_run"] = dict(teacher_source)
     if init_state is not None: config["init"] = dict(init_source)
-    cfg_path, ckpt_path, metrics_path = run_dir / "config.json", run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
+    cfg_path, ckpt_path, metrics_path = (run_dir / "config.json", run_dir / "checkpoints" / "last.pt",
+                                         run_dir / "metrics.jsonl")
     _check_run_folder(run_dir, config, resume)
     if ctx.is_main:  # a write killed mid-way (kill -9) left its temporary: up to a checkpoint's size, never read again
         stale = [*remove_stale_temporaries(ckpt_path.parent, ["last.pt"]),
@@ -559,14 +608,17 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     seed_everything(train_config.seed, deterministic=ctx.device.type == "cpu")
     dataset = MultiTaskDataset(manifests, "train", data_config, root=root)
     _check_setup(model_config, data_config, dataset.labels, experts)
-    stream = BatchStream(dataset, data_config, tasks=model_config.tasks)  # auto-mode class indices in the model's vocabulary
+    # auto-mode class indices in the model's vocabulary
+    stream = BatchStream(dataset, data_config, tasks=model_config.tasks)
     module, model = _build(model_config, experts, ctx)
     optimizer, scheduler = build_optimizer(module, train_config)
-    if teacher_model is not None and ckpt is None: _init_weights(module, teacher_model.state_dict(), teacher_source, ctx)
+    if teacher_model is not None and ckpt is None:
+        _init_weights(module, teacher_model.state_dict(), teacher_source, ctx)
     if init_state is not None and ckpt is None: _init_weights(module, init_state, init_source, ctx)
     if ckpt is not None:
         load_state(module, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"]); set_rng_state(ckpt["rng"])
+        optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg_path, config)
@@ -583,7 +635,8 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
                     teacher_model=None if teacher_model is None else teacher_model.to(ctx.device).eval(),
                     teacher_model_stats=None if teacher_model is None
                     else expert_volume_stats(teacher_model.experts, dataset))
-    bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps, disable=not (progress and ctx.is_main), desc=run_dir.name)
+    bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
+               disable=not (progress and ctx.is_main), desc=run_dir.name)
     window, n_window = 0.0, 0
     for step in bar:
         t_step = time.perf_counter()
@@ -596,8 +649,10 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
         window, n_window = window + time.perf_counter() - t_step, n_window + 1
         done = step + 1
         if done % train_config.log_every == 0 or done == train_config.steps:
-            means = {k: v for k, v in _reduce_mean(terms, ctx).items() if not math.isnan(v)}  # routing_acc: none for the baseline
-            last = {"step": done, "lr": lr, **means, "grad_norm": float(norm), "seconds": window / n_window, "mode": batch.mode}
+            # routing_acc: none for the baseline
+            means = {k: v for k, v in _reduce_mean(terms, ctx).items() if not math.isnan(v)}
+            last = {"step": done, "lr": lr, **means, "grad_norm": float(norm), "seconds": window / n_window,
+                    "mode": batch.mode}
             window, n_window = 0.0, 0
             if ctx.is_main: _append_metrics(metrics_path, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
@@ -606,12 +661,14 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
             _barrier(ctx)
     bar.close()
     if ctx.is_main:
-        with atomic_path(run_dir / "model.pt") as tmp: torch.save({"model": module.state_dict(), "step": train_config.steps}, tmp)
+        with atomic_path(run_dir / "model.pt") as tmp:
+            torch.save({"model": module.state_dict(), "step": train_config.steps}, tmp)
     _barrier(ctx)
     return _summary(run_dir, train_config.steps, start, ctx, last, time.perf_counter() - t0)
 
 def _summary(run_dir, steps, start, ctx, last, seconds) -> dict:
-    return {"run_dir": str(run_dir), "step": steps, "resumed_from": start or None, "world_size": ctx.world_size, "seconds": seconds,
+    return {"run_dir": str(run_dir), "step": steps, "resumed_from": start or None, "world_size": ctx.world_size,
+            "seconds": seconds,
             **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "grad_norm", "lr")}}
 
 # %% ../nbs/11_train.ipynb
@@ -622,21 +679,28 @@ def expert_folder(source: Mapping, run_dir: str | os.PathLike) -> Path:
     if folder.is_absolute() or not (Path(run_dir) / folder).is_dir(): return folder
     return Path(run_dir) / folder
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", experts: ExpertBank | None = None) -> KA2ER:
-    "The trained model of `run_dir` in eval mode: rebuilt from `config.json`, weights from `model.pt` (strict). Experts are reloaded from the recorded nnU-Net folders unless given."
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+             experts: ExpertBank | None = None) -> KA2ER:
+    """The trained model of `run_dir` in eval mode: rebuilt from `config.json`, weights from `model.pt` (strict).
+    Experts are reloaded from the recorded nnU-Net folders unless given."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    model_config = KA2ERConfig.from_dict({**cfg["model"], "pretrained": None})  # the trained weights supersede the foundation's initialisation
+    # the trained weights supersede the foundation's initialisation
+    model_config = KA2ERConfig.from_dict({**cfg["model"], "pretrained": None})
     recorded = cfg["experts"]
     if experts is None and recorded:
         unknown = [s.get("name") for s in recorded if not s.get("folder") or s.get("fold") is None]
-        if unknown: raise AmalgamError(f"{run_dir / 'config.json'}: experts {unknown} have no recorded nnU-Net folder/fold; pass experts= to load_run")
-        experts = ExpertBank([Expert.from_folder(expert_folder(s, run_dir), fold=s["fold"], labels=s.get("labels"), name=s["name"])
+        if unknown:
+            raise AmalgamError(f"{run_dir / 'config.json'}: experts {unknown} have no recorded nnU-Net folder/fold; "
+                               "pass experts= to load_run")
+        experts = ExpertBank([Expert.from_folder(expert_folder(s, run_dir), fold=s["fold"], labels=s.get("labels"),
+                                                 name=s["name"])
                               for s in recorded])
         for e, s in zip(experts, recorded):  # the precision the run trained them at, the task they served in it
             e.amp, e.task = s.get("amp", "auto"), s.get("task") or e.task
     if experts is not None and sorted(experts.names) != sorted(s["name"] for s in recorded):
-        raise AmalgamError(f"{run_dir / 'config.json'}: the run was trained with experts {sorted(s['name'] for s in recorded)}, got {sorted(experts.names)}")
+        raise AmalgamError(f"{run_dir / 'config.json'}: the run was trained with experts "
+                           f"{sorted(s['name'] for s in recorded)}, got {sorted(experts.names)}")
     model = build_model(model_config, experts)
     weights = run_dir / "model.pt"
     load_state(model, _torch_load(weights, "final model (has the run finished?)")["model"], weights)
