@@ -24,12 +24,17 @@ def expert_stages(spec: Sequence, spatial_dims: int, name: str = "expert") -> tu
     "Normalise an expert's stage specs to `((channels, (stride per axis, ...)), ...)`, checking every field."
     stages = []
     if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec:
-        raise AmalgamError(f"expert_specs[{name!r}]: expected a non-empty sequence of (channels, stride) per encoder stage, got {spec!r}")
+        raise AmalgamError(f"expert_specs[{name!r}]: expected a non-empty sequence of (channels, stride) per encoder "
+                           f"stage, got {spec!r}")
     for i, st in enumerate(spec):
-        ch, stride = (st.channels, st.stride) if hasattr(st, "channels") and hasattr(st, "stride") else (st if isinstance(st, Sequence) and len(st) == 2 else (None, None))
-        stride = (stride,) * spatial_dims if isinstance(stride, int) else tuple(stride) if isinstance(stride, Sequence) else None
-        if not isinstance(ch, int) or ch < 1 or stride is None or len(stride) != spatial_dims or any(not isinstance(s, int) or s < 1 for s in stride):
-            raise AmalgamError(f"expert_specs[{name!r}][{i}]: expected (channels > 0, stride: int or {spatial_dims} positive ints), got {st!r}")
+        ch, stride = ((st.channels, st.stride) if hasattr(st, "channels") and hasattr(st, "stride")
+                      else (st if isinstance(st, Sequence) and len(st) == 2 else (None, None)))
+        stride = ((stride,) * spatial_dims if isinstance(stride, int)
+                  else tuple(stride) if isinstance(stride, Sequence) else None)
+        if (not isinstance(ch, int) or ch < 1 or stride is None or len(stride) != spatial_dims
+                or any(not isinstance(s, int) or s < 1 for s in stride)):
+            raise AmalgamError(f"expert_specs[{name!r}][{i}]: expected (channels > 0, stride: int or {spatial_dims} "
+                               f"positive ints), got {st!r}")
         stages.append((ch, stride))
     return tuple(stages)
 
@@ -68,7 +73,8 @@ def _valid_mask(grid: Sequence[int], win: Sequence[int], device) -> Tensor:
     return to_windows(_pad_grid(ones, win), win)[..., 0] > 0
 
 def pooled_context(x: Tensor, win: Sequence[int], kv_pool: int) -> tuple[Tensor, Tensor | None]:
-    "For each window of `x` (`B x C x *grid`): the tokens of the `kv_pool`-pooled window containing it, `(B * n_windows) x L x C`, and their validity mask `n_windows x L` (`None` when nothing was padded)."
+    """For each window of `x` (`B x C x *grid`): the tokens of the `kv_pool`-pooled window containing it,
+    `(B * n_windows) x L x C`, and their validity mask `n_windows x L` (`None` when nothing was padded)."""
     B, C, *grid = x.shape
     d = len(grid)
     kernel = tuple(min(kv_pool, g) for g in grid)  # an axis shorter than kv_pool is pooled whole
@@ -79,7 +85,8 @@ def pooled_context(x: Tensor, win: Sequence[int], kv_pool: int) -> tuple[Tensor,
     n_fine = [-(-g // w) for g, w in zip(grid, win)]
     n_pool = [-(-g // w) for g, w in zip(pgrid, pwin)]
     # the pooled window holding each fine window's first token, per axis, then flattened row-major
-    per_axis = [torch.div(torch.arange(n, device=x.device) * w // k, pw_, rounding_mode="floor") for n, w, k, pw_ in zip(n_fine, win, kernel, pwin)]
+    per_axis = [torch.div(torch.arange(n, device=x.device) * w // k, pw_, rounding_mode="floor")
+                for n, w, k, pw_ in zip(n_fine, win, kernel, pwin)]
     index = torch.zeros(n_fine, dtype=torch.long, device=x.device)
     for axis, idx in enumerate(per_axis):
         index = index * n_pool[axis] + idx.view(*[-1 if a == axis else 1 for a in range(d)])
@@ -90,7 +97,8 @@ def pooled_context(x: Tensor, win: Sequence[int], kv_pool: int) -> tuple[Tensor,
 
 # %% ../nbs/05_amalgamation.ipynb
 class _Attention(nn.Module):
-    "Multi-head attention of `M x Lq x D` queries over `M x Lk x D` keys/values (`M` = batch x windows); `key_mask` (`M x Lk`, True = real key) hides padding."
+    """Multi-head attention of `M x Lq x D` queries over `M x Lk x D` keys/values (`M` = batch x windows); `key_mask`
+    (`M x Lk`, True = real key) hides padding."""
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -114,14 +122,16 @@ def _pointwise(module: nn.Module, x: Tensor) -> Tensor:
 
 # %% ../nbs/05_amalgamation.ipynb
 class ScaleAmalgamation(nn.Module):
-    "Amalgamation at one scale: `forward(f, experts)` with `f` `B x C_f x *grid` and expert maps already on that grid -> (`B x D x *grid` gold, `B x (K+1) x *grid` weights)."
-    def __init__(self, foundation_channels: int, expert_channels: Mapping[str, int], hidden_dim: int, num_heads: int, window_size: int,
-                 kv_pool: int, use_self_attention: bool = True, use_cross_attention: bool = True, use_adaptive_weighting: bool = True,
-                 init_temperature: float = 1.0, expert_residual: bool = False):
+    """Amalgamation at one scale: `forward(f, experts)` with `f` `B x C_f x *grid` and expert maps already on that grid
+    -> (`B x D x *grid` gold, `B x (K+1) x *grid` weights)."""
+    def __init__(self, foundation_channels: int, expert_channels: Mapping[str, int], hidden_dim: int, num_heads: int,
+                 window_size: int, kv_pool: int, use_self_attention: bool = True, use_cross_attention: bool = True,
+                 use_adaptive_weighting: bool = True, init_temperature: float = 1.0, expert_residual: bool = False):
         super().__init__()
         D, names = hidden_dim, tuple(expert_channels)
         self.names, self.window_size, self.kv_pool = names, window_size, kv_pool
-        self.use_self_attention, self.use_cross_attention, self.use_adaptive_weighting = use_self_attention, use_cross_attention, use_adaptive_weighting
+        self.use_self_attention, self.use_cross_attention, self.use_adaptive_weighting = (
+            use_self_attention, use_cross_attention, use_adaptive_weighting)
         self.expert_residual = expert_residual
         self.proj_foundation = _Projection(foundation_channels, D)
         self.proj_experts = nn.ModuleDict({n: _Projection(c, D) for n, c in expert_channels.items()})
@@ -141,14 +151,16 @@ class ScaleAmalgamation(nn.Module):
     @property
     def temperature(self) -> Tensor: return self.log_temperature.exp()
 
-    def _keys(self, x_win: Tensor, x_grid: Tensor, win, mask: Tensor | None, norm: nn.Module, n_windows: int) -> tuple[Tensor, Tensor | None]:
+    def _keys(self, x_win: Tensor, x_grid: Tensor, win, mask: Tensor | None, norm: nn.Module,
+              n_windows: int) -> tuple[Tensor, Tensor | None]:
         "Keys for each window: its own tokens, plus the pooled context window when there is more than one window."
         if self.kv_pool < 2 or n_windows == 1: return norm(x_win), mask
         ctx, cmask = pooled_context(x_grid, win, self.kv_pool)
         keys = torch.cat([norm(x_win), norm(ctx)], dim=1)
         if mask is None and cmask is None: return keys, None
         own = mask if mask is not None else torch.ones(x_win.shape[:2], dtype=torch.bool, device=x_win.device)
-        other = cmask.repeat(x_win.shape[0] // cmask.shape[0], 1) if cmask is not None else torch.ones(ctx.shape[:2], dtype=torch.bool, device=x_win.device)
+        other = (cmask.repeat(x_win.shape[0] // cmask.shape[0], 1) if cmask is not None
+                 else torch.ones(ctx.shape[:2], dtype=torch.bool, device=x_win.device))
         return keys, torch.cat([own, other], dim=1)
 
     def forward(self, f_map: Tensor, expert_maps: Mapping[str, Tensor], source_bias: Tensor | None = None
@@ -179,7 +191,8 @@ class ScaleAmalgamation(nn.Module):
 
         if self.use_adaptive_weighting:
             q = self.gate_q(self.gate_norm(f))
-            k = self.gate_k(self.gate_norm(candidates)) + torch.stack([self.gate_embed[n] for n in (*self.names, "foundation")])
+            k = (self.gate_k(self.gate_norm(candidates))
+                 + torch.stack([self.gate_embed[n] for n in (*self.names, "foundation")]))
             logits = (k @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])
             logits = (logits / self.temperature).float()  # attribution maps stay float32 under autocast
         else:  # uniform: every candidate scores the same
@@ -199,16 +212,19 @@ class AmalgamationOutput:
     "What `AmalgamationLayer` returns."
     features: list[Tensor]  # like the foundation features; at amalgamated scales foundation + projected gold features
     gold: dict[int, Tensor]  # stride -> B x D x *grid gold features
-    weights: dict[int, Tensor]  # stride -> B x (K+1) x *grid per-token expert weights (softmax; last channel: foundation)
+    # stride -> B x (K+1) x *grid per-token expert weights (softmax; last channel: foundation)
+    weights: dict[int, Tensor]
     expert_names: tuple[str, ...]  # channel order of `weights`: (expert names..., "foundation")
 
 class AmalgamationLayer(nn.Module):
-    "Hierarchical adaptive amalgamation of frozen experts' features into the foundation's, at `scales` (foundation strides)."
+    """Hierarchical adaptive amalgamation of frozen experts' features into the foundation's, at `scales` (foundation
+    strides)."""
     def __init__(
         self,
         foundation_channels: Sequence[int],  # channels of each foundation map
         foundation_strides: Sequence[int],  # stride of each foundation map (isotropic)
-        expert_specs: Mapping[str, Sequence],  # expert name -> per stage (channels, stride) or objects with .channels/.stride
+        # expert name -> per stage (channels, stride) or objects with .channels/.stride
+        expert_specs: Mapping[str, Sequence],
         scales: Sequence[int] = (8, 16, 32),  # foundation strides to amalgamate at (any, the fine ones included)
         hidden_dim: int = 96,  # shared width D
         num_heads: int = 4,  # attention heads (must divide hidden_dim)
@@ -216,7 +232,8 @@ class AmalgamationLayer(nn.Module):
         kv_pool: int = 2,  # pooling factor of the context keys each window also sees (1: windows only)
         spatial_dims: int = 3,  # 2 or 3
         use_self_attention: bool = True,  # (a) foundation self-attention
-        use_cross_attention: bool = True,  # (b) foundation -> expert cross-attention (off: the projected expert feature itself)
+        # (b) foundation -> expert cross-attention (off: the projected expert feature itself)
+        use_cross_attention: bool = True,
         use_adaptive_weighting: bool = True,  # (c) learned per-token expert weights (off: uniform)
         init_temperature: float = 1.0,  # initial softmax temperature of (c)
         zero_init_residual: bool = True,  # `back` starts at zero: the expert path adds nothing at initialisation
@@ -224,22 +241,32 @@ class AmalgamationLayer(nn.Module):
         expert_residual: bool = False,  # (b) keeps each expert's own token: c_k = f + e_k + attn_k(f, e_k)
     ):
         super().__init__()
-        if spatial_dims not in (2, 3): raise AmalgamError(f"AmalgamationLayer: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if spatial_dims not in (2, 3):
+            raise AmalgamError(f"AmalgamationLayer: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if len(foundation_channels) != len(foundation_strides):
-            raise AmalgamError(f"AmalgamationLayer: {len(foundation_channels)} foundation_channels but {len(foundation_strides)} foundation_strides")
+            raise AmalgamError(f"AmalgamationLayer: {len(foundation_channels)} foundation_channels but "
+                               f"{len(foundation_strides)} foundation_strides")
         for s in scales:
-            if s not in foundation_strides: raise AmalgamError(f"AmalgamationLayer: scale {s} is not a foundation stride {tuple(foundation_strides)}")
-        if len(set(scales)) != len(scales) or not scales: raise AmalgamError(f"AmalgamationLayer: scales must be distinct and non-empty, got {tuple(scales)}")
+            if s not in foundation_strides:
+                raise AmalgamError(f"AmalgamationLayer: scale {s} is not a foundation stride "
+                                   f"{tuple(foundation_strides)}")
+        if len(set(scales)) != len(scales) or not scales:
+            raise AmalgamError(f"AmalgamationLayer: scales must be distinct and non-empty, got {tuple(scales)}")
         if hidden_dim < 1 or num_heads < 1 or hidden_dim % num_heads:
-            raise AmalgamError(f"AmalgamationLayer: hidden_dim {hidden_dim} must be a positive multiple of num_heads {num_heads}")
-        if window_size < 1 or kv_pool < 1: raise AmalgamError(f"AmalgamationLayer: window_size and kv_pool must be >= 1, got {window_size}, {kv_pool}")
-        if init_temperature <= 0: raise AmalgamError(f"AmalgamationLayer: init_temperature must be > 0, got {init_temperature}")
+            raise AmalgamError(f"AmalgamationLayer: hidden_dim {hidden_dim} must be a positive multiple of num_heads "
+                               f"{num_heads}")
+        if window_size < 1 or kv_pool < 1:
+            raise AmalgamError(f"AmalgamationLayer: window_size and kv_pool must be >= 1, got {window_size}, {kv_pool}")
+        if init_temperature <= 0:
+            raise AmalgamError(f"AmalgamationLayer: init_temperature must be > 0, got {init_temperature}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise AmalgamError(f"AmalgamationLayer: num_classes must be an integer >= 0, got {num_classes!r}")
-        if not expert_specs: raise AmalgamError("AmalgamationLayer: expert_specs is empty; amalgamation needs at least one expert")
+        if not expert_specs:
+            raise AmalgamError("AmalgamationLayer: expert_specs is empty; amalgamation needs at least one expert")
         for n in expert_specs:
             if not isinstance(n, str) or not n or "." in n or n == "foundation":
-                raise AmalgamError(f"AmalgamationLayer: expert name {n!r} is not usable (non-empty, no '.', not 'foundation')")
+                raise AmalgamError(f"AmalgamationLayer: expert name {n!r} is not usable "
+                                   "(non-empty, no '.', not 'foundation')")
         self.spatial_dims, self.hidden_dim = spatial_dims, hidden_dim
         self.foundation_channels, self.foundation_strides = tuple(foundation_channels), tuple(foundation_strides)
         self.scales, self.expert_names = tuple(scales), tuple(expert_specs)
@@ -249,14 +276,15 @@ class AmalgamationLayer(nn.Module):
         for s in self.scales:
             fc = self.foundation_channels[self.foundation_strides.index(s)]
             self.blocks[str(s)] = ScaleAmalgamation(
-                fc, {n: self.stages[n][i][0] for n, i in self.stage_for_scale[s].items()}, hidden_dim, num_heads, window_size, kv_pool,
-                use_self_attention, use_cross_attention, use_adaptive_weighting, init_temperature, expert_residual)
+                fc, {n: self.stages[n][i][0] for n, i in self.stage_for_scale[s].items()}, hidden_dim, num_heads,
+                window_size, kv_pool, use_self_attention, use_cross_attention, use_adaptive_weighting, init_temperature,
+                expert_residual)
             self.back[str(s)] = nn.Linear(hidden_dim, fc)
             if zero_init_residual:
                 nn.init.zeros_(self.back[str(s)].weight)
                 nn.init.zeros_(self.back[str(s)].bias)
-        # task routing: per source, one bias per class token added to every scale's gate logits, zero (neutral) at start;
-        # keyed by source name like every expert module, so a state dict loads whatever the experts' order
+        # task routing: per source, one bias per class token added to every scale's gate logits, zero (neutral) at
+        # start; keyed by source name like every expert module, so a state dict loads whatever the experts' order
         sources = (*self.expert_names, "foundation")
         self.class_bias = nn.ParameterDict({n: nn.Parameter(torch.zeros(num_classes)) for n in sources}
                                            ) if num_classes and use_adaptive_weighting else None
@@ -273,18 +301,24 @@ class AmalgamationLayer(nn.Module):
                source_bias: Tensor | None) -> None:
         nd = self.spatial_dims + 2
         if len(foundation_features) != len(self.foundation_channels):
-            raise AmalgamError(f"foundation_features: expected {len(self.foundation_channels)} maps, got {len(foundation_features)}")
+            raise AmalgamError(f"foundation_features: expected {len(self.foundation_channels)} maps, got "
+                               f"{len(foundation_features)}")
         batch = foundation_features[0].shape[0]
         for i, (t, c) in enumerate(zip(foundation_features, self.foundation_channels)):
             if t.ndim != nd or t.shape[1] != c or t.shape[0] != batch:
-                raise AmalgamError(f"foundation_features[{i}]: expected {batch} x {c} x {self.spatial_dims} spatial dims, got {tuple(t.shape)}")
+                raise AmalgamError(f"foundation_features[{i}]: expected {batch} x {c} x {self.spatial_dims} spatial "
+                                   f"dims, got {tuple(t.shape)}")
         missing, unknown = set(self.expert_names) - set(expert_features), set(expert_features) - set(self.expert_names)
-        if missing or unknown: raise AmalgamError(f"expert_features: missing experts {sorted(missing)}, unknown experts {sorted(unknown)}")
+        if missing or unknown:
+            raise AmalgamError(f"expert_features: missing experts {sorted(missing)}, unknown experts {sorted(unknown)}")
         for n, feats in expert_features.items():
-            if len(feats) != len(self.stages[n]): raise AmalgamError(f"expert_features[{n!r}]: expected {len(self.stages[n])} stage maps, got {len(feats)}")
+            if len(feats) != len(self.stages[n]):
+                raise AmalgamError(f"expert_features[{n!r}]: expected {len(self.stages[n])} stage maps, got "
+                                   f"{len(feats)}")
             for i, (t, (c, _)) in enumerate(zip(feats, self.stages[n])):
                 if t.ndim != nd or t.shape[1] != c or t.shape[0] != batch:
-                    raise AmalgamError(f"expert_features[{n!r}][{i}]: expected {batch} x {c} x {self.spatial_dims} spatial dims, got {tuple(t.shape)}")
+                    raise AmalgamError(f"expert_features[{n!r}][{i}]: expected {batch} x {c} x {self.spatial_dims} "
+                                       f"spatial dims, got {tuple(t.shape)}")
         sources = len(self.expert_names) + 1
         shape = tuple(source_bias.shape) if isinstance(source_bias, Tensor) else type(source_bias).__name__
         if source_bias is not None and shape != (batch, sources):
@@ -306,7 +340,8 @@ class AmalgamationLayer(nn.Module):
             experts = {}
             for n in self.expert_names:
                 e = expert_features[n][self.stage_for_scale[s][n]].detach().to(f_map.dtype)
-                experts[n] = e if tuple(e.shape[2:]) == grid else F.interpolate(e, size=grid, mode=mode, align_corners=False)
+                experts[n] = (e if tuple(e.shape[2:]) == grid
+                              else F.interpolate(e, size=grid, mode=mode, align_corners=False))
             gold[s], weights[s] = self.blocks[str(s)](f_map, experts, source_bias)
             features[i] = f_map + _pointwise(self.back[str(s)], gold[s])
         return AmalgamationOutput(features, gold, weights, (*self.expert_names, "foundation"))

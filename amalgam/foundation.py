@@ -26,7 +26,8 @@ __all__ = ['SWIN_DIVISOR', 'Foundation', 'pad_to_multiple', 'crop_to', 'LoadRepo
 SWIN_DIVISOR = 32  # patch embedding (2) then four 2x patch mergings: every spatial size must divide by 2**5
 
 class Foundation(nn.Module):
-    "SwinUNETR's encoder path (MONAI modules, SwinUNETR key names): `forward(x)` returns one `B x C_i x *grid_i` map per stride in `strides`."
+    """SwinUNETR's encoder path (MONAI modules, SwinUNETR key names): `forward(x)` returns one `B x C_i x *grid_i` map
+    per stride in `strides`."""
     def __init__(
         self,
         spatial_dims: int = 3,  # 2 or 3
@@ -40,66 +41,83 @@ class Foundation(nn.Module):
         use_v2: bool = False,  # SwinUNETR-v2: a residual conv block before each Swin stage
     ):
         super().__init__()
-        if spatial_dims not in (2, 3): raise AmalgamError(f"Foundation: spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        if feature_size <= 0 or feature_size % 12: raise AmalgamError(f"Foundation: feature_size must be a positive multiple of 12 (SwinUNETR), got {feature_size!r}")
+        if spatial_dims not in (2, 3):
+            raise AmalgamError(f"Foundation: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if feature_size <= 0 or feature_size % 12:
+            raise AmalgamError("Foundation: feature_size must be a positive multiple of 12 (SwinUNETR), got "
+                               f"{feature_size!r}")
         if len(depths) != 4 or len(num_heads) != 4:
-            raise AmalgamError(f"Foundation: depths and num_heads need 4 entries (one per Swin stage), got {tuple(depths)} and {tuple(num_heads)}")
+            raise AmalgamError("Foundation: depths and num_heads need 4 entries (one per Swin stage), got "
+                               f"{tuple(depths)} and {tuple(num_heads)}")
         for i, h in enumerate(num_heads):
-            if (feature_size * 2**i) % h: raise AmalgamError(f"Foundation: stage {i} width {feature_size * 2**i} is not divisible by num_heads[{i}]={h}")
-        if not 0.0 <= drop_path_rate <= 1.0: raise AmalgamError(f"Foundation: drop_path_rate must lie in [0, 1], got {drop_path_rate!r}")
+            if (feature_size * 2**i) % h:
+                raise AmalgamError(f"Foundation: stage {i} width {feature_size * 2**i} is not divisible by "
+                                   f"num_heads[{i}]={h}")
+        if not 0.0 <= drop_path_rate <= 1.0:
+            raise AmalgamError(f"Foundation: drop_path_rate must lie in [0, 1], got {drop_path_rate!r}")
         self.spatial_dims, self.in_channels, self.feature_size = spatial_dims, in_channels, feature_size
         fs = feature_size
         self.swinViT = SwinTransformer(
-            in_chans=in_channels, embed_dim=fs, window_size=(window_size,) * spatial_dims, patch_size=(2,) * spatial_dims,
-            depths=tuple(depths), num_heads=tuple(num_heads), drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
-            spatial_dims=spatial_dims, use_v2=use_v2)
-        block = lambda cin, cout: UnetrBasicBlock(spatial_dims=spatial_dims, in_channels=cin, out_channels=cout, kernel_size=3,
-                                                  stride=1, norm_name="instance", res_block=True)
+            in_chans=in_channels, embed_dim=fs, window_size=(window_size,) * spatial_dims,
+            patch_size=(2,) * spatial_dims, depths=tuple(depths), num_heads=tuple(num_heads),
+            drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint, spatial_dims=spatial_dims, use_v2=use_v2)
+        block = lambda cin, cout: UnetrBasicBlock(spatial_dims=spatial_dims, in_channels=cin, out_channels=cout,
+                                                  kernel_size=3, stride=1, norm_name="instance", res_block=True)
         self.encoder1, self.encoder2 = block(in_channels, fs), block(fs, fs)
-        self.encoder3, self.encoder4, self.encoder10 = block(2 * fs, 2 * fs), block(4 * fs, 4 * fs), block(16 * fs, 16 * fs)
+        self.encoder3, self.encoder4, self.encoder10 = (block(2 * fs, 2 * fs), block(4 * fs, 4 * fs),
+                                                        block(16 * fs, 16 * fs))
         self.strides: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
         self.channels: tuple[int, ...] = (fs, fs, 2 * fs, 4 * fs, 8 * fs, 16 * fs)
 
     def check_input(self, x: Tensor) -> None:
         "Raise an `AmalgamError` naming the shape, the rule and the padded size when `x` cannot go through the encoder."
         want = f"B x {self.in_channels} x " + " x ".join(["S"] * self.spatial_dims)
-        if not isinstance(x, Tensor): raise AmalgamError(f"Foundation input: expected a torch.Tensor {want}, got {type(x).__name__}")
+        if not isinstance(x, Tensor):
+            raise AmalgamError(f"Foundation input: expected a torch.Tensor {want}, got {type(x).__name__}")
         if x.ndim != self.spatial_dims + 2:
-            raise AmalgamError(f"Foundation input: expected {self.spatial_dims + 2} dims ({want}), got shape {tuple(x.shape)}")
+            raise AmalgamError(f"Foundation input: expected {self.spatial_dims + 2} dims ({want}), got shape "
+                               f"{tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise AmalgamError(f"Foundation input: expected {self.in_channels} channel(s), got shape {tuple(x.shape)}")
         spatial = tuple(x.shape[2:])
         if any(s % SWIN_DIVISOR for s in spatial):
             padded = tuple(_round_up(s, SWIN_DIVISOR) for s in spatial)
             raise AmalgamError(
-                f"Foundation input: spatial shape {spatial} is not divisible by {SWIN_DIVISOR} in every dim (SwinUNETR: patch size 2, "
-                f"then 4 halvings); pad to {padded} with pad_to_multiple(x, {SWIN_DIVISOR}) and crop the output back with crop_to")
+                f"Foundation input: spatial shape {spatial} is not divisible by {SWIN_DIVISOR} in every dim "
+                f"(SwinUNETR: patch size 2, then 4 halvings); pad to {padded} with pad_to_multiple(x, {SWIN_DIVISOR}) "
+                "and crop the output back with crop_to")
         if math.prod(s // SWIN_DIVISOR for s in spatial) < 2:
-            raise AmalgamError(f"Foundation input: spatial shape {spatial} leaves a single voxel at stride {SWIN_DIVISOR}, where instance norm "
-                               f"is undefined; make at least one dim {2 * SWIN_DIVISOR} or more")
+            raise AmalgamError(f"Foundation input: spatial shape {spatial} leaves a single voxel at stride "
+                               f"{SWIN_DIVISOR}, where instance norm is undefined; make at least one dim "
+                               f"{2 * SWIN_DIVISOR} or more")
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        "Feature maps at `self.strides`: `[B x fs x S, B x fs x S/2, B x 2fs x S/4, B x 4fs x S/8, B x 8fs x S/16, B x 16fs x S/32]`."
+        """Feature maps at `self.strides`:
+        `[B x fs x S, B x fs x S/2, B x 2fs x S/4, B x 4fs x S/8, B x 8fs x S/16, B x 16fs x S/32]`."""
         self.check_input(x)
         hidden = self.swinViT(x, normalize=True)
-        return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]), hidden[3],
-                self.encoder10(hidden[4])]
+        return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
+                hidden[3], self.encoder10(hidden[4])]
 
 def _round_up(n: int, multiple: int) -> int: return -(-n // multiple) * multiple
 
 # %% ../nbs/04_foundation.ipynb
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
-def pad_to_multiple(x: Tensor, multiple: int = SWIN_DIVISOR, mode: str = "constant", value: float = 0.0) -> tuple[Tensor, tuple[int, ...]]:
-    "Pad the spatial dims of `x` (`B x C x *spatial`) at their far end to multiples of `multiple`; returns the padded tensor and the original spatial shape."
+def pad_to_multiple(x: Tensor, multiple: int = SWIN_DIVISOR, mode: str = "constant",
+                    value: float = 0.0) -> tuple[Tensor, tuple[int, ...]]:
+    """Pad the spatial dims of `x` (`B x C x *spatial`) at their far end to multiples of `multiple`; returns the padded
+    tensor and the original spatial shape."""
     if mode not in _PAD_MODES: raise AmalgamError(f"pad_to_multiple: mode must be one of {_PAD_MODES}, got {mode!r}")
     if multiple < 1: raise AmalgamError(f"pad_to_multiple: multiple must be >= 1, got {multiple!r}")
     if x.ndim < 3: raise AmalgamError(f"pad_to_multiple: expected B x C x *spatial, got shape {tuple(x.shape)}")
     spatial = tuple(x.shape[2:])
     extra = [_round_up(s, multiple) - s for s in spatial]
     if not any(extra): return x, spatial
-    if (mode == "reflect" and any(e >= s for e, s in zip(extra, spatial))) or (mode == "circular" and any(e > s for e, s in zip(extra, spatial))):
-        raise AmalgamError(f"pad_to_multiple: {mode} padding cannot pad a dim by more than its size; shape {spatial} needs pads {tuple(extra)}; use mode='replicate' or 'constant'")
+    if ((mode == "reflect" and any(e >= s for e, s in zip(extra, spatial)))
+            or (mode == "circular" and any(e > s for e, s in zip(extra, spatial)))):
+        raise AmalgamError(f"pad_to_multiple: {mode} padding cannot pad a dim by more than its size; shape {spatial} "
+                           f"needs pads {tuple(extra)}; use mode='replicate' or 'constant'")
     pads = [p for e in reversed(extra) for p in (0, e)]  # F.pad lists the last dim first
     return (F.pad(x, pads, mode=mode, value=value) if mode == "constant" else F.pad(x, pads, mode=mode)), spatial
 
@@ -116,7 +134,8 @@ class LoadReport(KeyCoverage):
     """What `load_pretrained` did, as a `KeyCoverage` of the checkpoint's keys mapped to the model's (`unexpected`
     keeps them as stored), complete when the Swin-ViT encoder loaded whole."""
     source: Path | None = None  # the checkpoint file
-    format: str = "plain"  # "ssl" (`module.`-prefixed Swin-ViT keys, as MONAI's `load_from` reads) or "plain" (a model state dict)
+    # "ssl" (`module.`-prefixed Swin-ViT keys, as MONAI's `load_from` reads) or "plain" (a model state dict)
+    format: str = "plain"
     required_prefix: str = "swinViT."  # keys under this prefix must all load
 
     @property
@@ -133,32 +152,38 @@ class LoadReport(KeyCoverage):
         total = required([*self.matched, *self.missing, *self.shape_mismatched])
         outside = len(self.missing) - required(self.missing)
         why = ": an SSL checkpoint holds only the Swin-ViT" if self.format == "ssl" else ""
-        lines = [f"{self.source} ({self.format} format): loaded {len(self.matched)} tensors, encoder (Swin-ViT) {required(self.matched)}/{total}",
-                 f"  missing {len(self.missing)} ({outside} outside the Swin-ViT{why}), unexpected {len(self.unexpected)}, "
-                 f"shape-mismatched {len(self.shape_mismatched)}"]
+        lines = [f"{self.source} ({self.format} format): loaded {len(self.matched)} tensors, "
+                 f"encoder (Swin-ViT) {required(self.matched)}/{total}",
+                 f"  missing {len(self.missing)} ({outside} outside the Swin-ViT{why}), "
+                 f"unexpected {len(self.unexpected)}, shape-mismatched {len(self.shape_mismatched)}"]
         def show(name, keys):
-            if keys: lines.append(f"  {name}: " + ", ".join(keys[:max_keys]) + (f", … (+{len(keys) - max_keys})" if len(keys) > max_keys else ""))
+            if keys:
+                lines.append(f"  {name}: " + ", ".join(keys[:max_keys])
+                             + (f", … (+{len(keys) - max_keys})" if len(keys) > max_keys else ""))
         show("encoder keys not loaded", self.missing_required)
         show("unexpected", self.unexpected)
         show("shape-mismatched", [f"{k} {tuple(a)} vs model {tuple(b)}" for k, (a, b) in self.shape_mismatched.items()])
         return "\n".join(lines)
 
 # %% ../nbs/04_foundation.ipynb
-_SWIN_TOP = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")  # bare Swin-ViT names: their presence marks an SSL checkpoint
+# bare Swin-ViT names: their presence marks an SSL checkpoint
+_SWIN_TOP = ("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")
 
 def _model_key(key: str, ssl: bool) -> str:
     "The Foundation key a checkpoint key refers to."
     k = key.removeprefix("module.")
     if k.startswith("swin_vit."): k = "swinViT." + k.removeprefix("swin_vit.")
     if ssl: k = "swinViT." + k
-    if k.startswith("swinViT.") and ".blocks." in k: k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+    if k.startswith("swinViT.") and ".blocks." in k:
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
     return k
 
 def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     "The tensors of a checkpoint file (`{'state_dict': {...}}` or a bare state dict) and its format name."
     obj = load_weights(path, "checkpoint file", remedy="; re-save it as a plain state dict of tensors")
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(sd, Mapping) or not sd: raise AmalgamError(f"{path}: expected a state dict or {{'state_dict': ...}}, found {type(obj).__name__}")
+    if not isinstance(sd, Mapping) or not sd:
+        raise AmalgamError(f"{path}: expected a state dict or {{'state_dict': ...}}, found {type(obj).__name__}")
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad: raise AmalgamError(f"{path}: state dict entries that are not named tensors: {bad[:5]}")
     bare = [k.removeprefix("module.") for k in sd]
@@ -166,7 +191,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     return dict(sd), "ssl" if ssl else "plain"
 
 def load_pretrained(model: Foundation, path: str | os.PathLike, allow_partial: bool = False) -> LoadReport:
-    "Load SSL-format or plain SwinUNETR/Foundation weights from `path` into `model`; raise unless every Swin-ViT weight fits, unless `allow_partial`."
+    """Load SSL-format or plain SwinUNETR/Foundation weights from `path` into `model`; raise unless every Swin-ViT
+    weight fits, unless `allow_partial`."""
     path = Path(path)
     sd, fmt = _read_state_dict(path)
     own = model.state_dict()
@@ -179,10 +205,14 @@ def load_pretrained(model: Foundation, path: str | os.PathLike, allow_partial: b
     report = LoadReport(matched=cov.matched, missing=cov.missing, unexpected=[mapped[k] for k in cov.unexpected],
                         shape_mismatched=cov.shape_mismatched, source=path, format=fmt)
     take = {k: sd[mapped[k]] for k in cov.matched}
-    params = {k for k, _ in model.named_parameters()}  # buffers such as relative_position_index fit any width: they prove nothing
-    if not params & take.keys(): raise AmalgamError(f"{path}: no weight in the checkpoint fits the model (wrong file or architecture?)\n{report.summary()}")
+    # buffers such as relative_position_index fit any width: they prove nothing
+    params = {k for k, _ in model.named_parameters()}
+    if not params & take.keys():
+        raise AmalgamError(f"{path}: no weight in the checkpoint fits the model "
+                           f"(wrong file or architecture?)\n{report.summary()}")
     if not report.complete and not allow_partial:
-        raise AmalgamError(f"{path}: the Swin-ViT encoder would only be partly initialised; pass allow_partial=True to accept that\n{report.summary()}")
+        raise AmalgamError(f"{path}: the Swin-ViT encoder would only be partly initialised; pass allow_partial=True to "
+                           f"accept that\n{report.summary()}")
     with torch.no_grad():
         for k, v in take.items(): own[k].copy_(v)
     return report

@@ -29,7 +29,8 @@ __all__ = ['KA2ERConfig', 'zscore', 'KA2EROutput', 'KA2ER', 'build_model', 'expe
 # %% ../nbs/07_model.ipynb
 @dataclass
 class KA2ERConfig(DictConfig):
-    "Everything that determines a KA²ER model's architecture and initialisation (experts are given separately, as an `ExpertBank`)."
+    """Everything that determines a KA²ER model's architecture and initialisation (experts are given separately, as an
+    `ExpertBank`)."""
     spatial_dims: int = 3  # 2 or 3
     in_channels: int = 1  # image channels (the experts must take the same)
     feature_size: int = 24  # SwinUNETR feature size (a multiple of 12)
@@ -47,7 +48,8 @@ class KA2ERConfig(DictConfig):
     init_temperature: float = 1.0
     zero_init_expert_path: bool = True  # the expert path adds exactly zero at first: KA²ER starts as the baseline
     task_routing: bool = True  # a learned per-class bias over the K+1 sources in the gate, zero at start (needs (c))
-    expert_taps: str = "encoder"  # the experts' maps amalgamated: "encoder" stages, or "decoder" stage outputs (see `Expert.encode`)
+    # the experts' maps amalgamated: "encoder" stages, or "decoder" stage outputs (see `Expert.encode`)
+    expert_taps: str = "encoder"
     expert_residual: bool = False  # each expert's conditioned feature keeps its own token (see `ScaleAmalgamation`)
     # prompt encoder and mask decoder
     embed_stride: int = 16  # stride of the image embedding the two-way transformer runs on
@@ -76,22 +78,28 @@ class KA2ERConfig(DictConfig):
         self.seed = int(self.seed)
         if self.expert_taps not in TAPS:
             raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
-        if self.spatial_dims not in (2, 3): raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
-        if not isinstance(self.tasks, Mapping): raise AmalgamError(f"KA2ERConfig.tasks: expected a mapping task -> class names, got {type(self.tasks).__name__}")
+        if self.spatial_dims not in (2, 3):
+            raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
+        if not isinstance(self.tasks, Mapping):
+            raise AmalgamError("KA2ERConfig.tasks: expected a mapping task -> class names, got "
+                               f"{type(self.tasks).__name__}")
         # tasks in sorted order, classes as given: a run's JSON files sort their keys, and a class token is an index
         # into this vocabulary, so any other order would be a different vocabulary once the run is loaded back
         self.tasks = {str(t): [str(c) for c in cs] for t, cs in sorted(self.tasks.items(), key=lambda kv: str(kv[0]))}
         for t, cs in self.tasks.items():
-            if not t or ":" in t: raise AmalgamError(f"KA2ERConfig.tasks: task name {t!r} must be non-empty and contain no ':'")
+            if not t or ":" in t:
+                raise AmalgamError(f"KA2ERConfig.tasks: task name {t!r} must be non-empty and contain no ':'")
             if not cs: raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: no classes")
             for c in cs:
                 if not c or ":" in c or c == "background":
-                    raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: class name {c!r} must be non-empty, contain no ':' and not be 'background'")
+                    raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: class name {c!r} must be non-empty, contain no ':' "
+                                       "and not be 'background'")
             if len(set(cs)) != len(cs): raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: repeated class names {cs}")
 
     @property
     def class_names(self) -> list[str]:
-        "The class vocabulary: `task:class` in task order, then class order; the index of a name is its class-token index."
+        """The class vocabulary: `task:class` in task order, then class order; the index of a name is its class-token
+        index."""
         return [f"{t}:{c}" for t, cs in self.tasks.items() for c in cs]
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -125,14 +133,17 @@ class KA2EROutput:
     expert_names: tuple[str, ...]  # channel order of expert_weights: experts..., "foundation" (empty for the baseline)
 
 class KA2ER(nn.Module):
-    "KA²ER: `forward(image, prompts, task)` -> masks, IoU predictions and expert weights. With `experts=None` it is the baseline SwinUNETR + the same decoder."
+    """KA²ER: `forward(image, prompts, task)` -> masks, IoU predictions and expert weights. With `experts=None` it is
+    the baseline SwinUNETR + the same decoder."""
     def __init__(self,
                  foundation: Foundation,  # SwinUNETR encoder (trainable)
                  experts: ExpertBank | None,  # frozen nnU-Net experts, or None for the baseline
-                 amalgamation: AmalgamationLayer | None,  # merges expert features into the foundation's (None with experts=None)
+                 # merges expert features into the foundation's (None with experts=None)
+                 amalgamation: AmalgamationLayer | None,
                  prompt_encoder: PromptEncoder,
                  decoder: MaskDecoder,
-                 class_names: Sequence[str] = (),  # class vocabulary of the prompt encoder's class tokens ("task:class")
+                 # class vocabulary of the prompt encoder's class tokens ("task:class")
+                 class_names: Sequence[str] = (),
                  expert_taps: str = "encoder",  # which expert maps are amalgamated (`Expert.encode`'s `taps`)
                 ):
         super().__init__()
@@ -141,19 +152,26 @@ class KA2ER(nn.Module):
         d = foundation.spatial_dims
         if experts is not None:
             if set(experts.names) != set(amalgamation.expert_names):
-                raise AmalgamError(f"KA2ER: expert bank {experts.names} does not match the amalgamation layer's experts {list(amalgamation.expert_names)}")
+                raise AmalgamError(f"KA2ER: expert bank {experts.names} does not match the amalgamation layer's "
+                                   f"experts {list(amalgamation.expert_names)}")
             for e in experts:
                 if e.spatial_dims != d or e.in_channels != foundation.in_channels:
-                    raise AmalgamError(f"KA2ER: expert {e.name!r} is {e.spatial_dims}D with {e.in_channels} channel(s); the model is {d}D with {foundation.in_channels}")
+                    raise AmalgamError(f"KA2ER: expert {e.name!r} is {e.spatial_dims}D with {e.in_channels} "
+                                       f"channel(s); the model is {d}D with {foundation.in_channels}")
         if expert_taps not in TAPS: raise AmalgamError(f"KA2ER: expert_taps must be one of {TAPS}, got {expert_taps!r}")
         if prompt_encoder.embed_dim != decoder.transformer_dim:
-            raise AmalgamError(f"KA2ER: prompt encoder embed_dim {prompt_encoder.embed_dim} != decoder transformer_dim {decoder.transformer_dim}")
-        if tuple(decoder.feature_channels) != tuple(foundation.channels) or tuple(decoder.feature_strides) != tuple(foundation.strides):
-            raise AmalgamError(f"KA2ER: the decoder's feature channels/strides {tuple(decoder.feature_channels)}/{tuple(decoder.feature_strides)} "
+            raise AmalgamError(f"KA2ER: prompt encoder embed_dim {prompt_encoder.embed_dim} != decoder transformer_dim "
+                               f"{decoder.transformer_dim}")
+        if (tuple(decoder.feature_channels) != tuple(foundation.channels)
+                or tuple(decoder.feature_strides) != tuple(foundation.strides)):
+            raise AmalgamError("KA2ER: the decoder's feature channels/strides "
+                               f"{tuple(decoder.feature_channels)}/{tuple(decoder.feature_strides)} "
                                f"differ from the foundation's {tuple(foundation.channels)}/{tuple(foundation.strides)}")
         if prompt_encoder.num_classes != len(class_names):
-            raise AmalgamError(f"KA2ER: prompt encoder has {prompt_encoder.num_classes} class tokens but {len(class_names)} class names were given")
-        self.foundation, self.amalgamation, self.prompt_encoder, self.decoder = foundation, amalgamation, prompt_encoder, decoder
+            raise AmalgamError(f"KA2ER: prompt encoder has {prompt_encoder.num_classes} class tokens but "
+                               f"{len(class_names)} class names were given")
+        self.foundation, self.amalgamation, self.prompt_encoder, self.decoder = (
+            foundation, amalgamation, prompt_encoder, decoder)
         self.experts = experts  # a plain attribute, not a child module: see above
         self.class_names, self.expert_taps = list(class_names), expert_taps
         self.config: KA2ERConfig | None = None  # set by build_model, so a run can save how its model was made
@@ -174,27 +192,34 @@ class KA2ER(nn.Module):
     def _prompts(self, prompts: Prompts | None, task: str | Sequence[str] | None, batch: int) -> Prompts:
         "The prompts with `task` resolved into class indices (automatic mode, or class-conditioned clicks)."
         if task is None:
-            if prompts is None: raise AmalgamError("KA2ER.forward: no prompts and no task; give clicks/boxes/a mask, or task='task:class' for automatic mode")
+            if prompts is None:
+                raise AmalgamError("KA2ER.forward: no prompts and no task; give clicks/boxes/a mask, or "
+                                   "task='task:class' for automatic mode")
             return prompts
         if prompts is not None and prompts.classes is not None:
             raise AmalgamError("KA2ER.forward: the class is given twice (task and prompts.classes); give one of them")
         names = [task] * batch if isinstance(task, str) else list(task)
-        if len(names) != batch: raise AmalgamError(f"KA2ER.forward: {len(names)} task names for a batch of {batch} images")
+        if len(names) != batch:
+            raise AmalgamError(f"KA2ER.forward: {len(names)} task names for a batch of {batch} images")
         classes = torch.tensor([self.class_index(n) for n in names], dtype=torch.long)
         return dataclasses.replace(prompts or Prompts(), classes=classes)
 
     def expert_features(self, image: Tensor, logits: bool = False, stats: Mapping[str, Tensor] | None = None
                         ) -> dict[str, list[Tensor]] | tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
-        """Each frozen expert's features (its `expert_taps`) of the raw `image` (normalised the expert's way) on the image's device;
-        with `logits=True` also each expert's logits from the same pass; `stats`: per expert, the `B x C x 2`
-        (mean, std) of each element's whole volume for z-score normalisation (`ExpertBank.encode`, `.volume_stats`)."""
-        if self.experts is None: raise AmalgamError("KA2ER.expert_features: this is the baseline model, it has no experts")
+        """Each frozen expert's features (its `expert_taps`) of the raw `image` (normalised the expert's way) on the
+        image's device; with `logits=True` also each expert's logits from the same pass; `stats`: per expert, the
+        `B x C x 2` (mean, std) of each element's whole volume for z-score normalisation (`ExpertBank.encode`,
+        `.volume_stats`)."""
+        if self.experts is None:
+            raise AmalgamError("KA2ER.expert_features: this is the baseline model, it has no experts")
         for e in self.experts:
             if e.device != image.device: e.to(image.device)
         return self.experts.encode(image, logits=logits, stats=stats, taps=self.expert_taps)
 
-    def decode(self, features: Sequence[Tensor], prompts: Prompts, multimask_output: bool = True) -> tuple[Tensor, Tensor]:
-        "Prompt encoder + mask decoder on image features (one map per foundation stride): masks `B x M x *input`, IoU `B x M`."
+    def decode(self, features: Sequence[Tensor], prompts: Prompts,
+               multimask_output: bool = True) -> tuple[Tensor, Tensor]:
+        """Prompt encoder + mask decoder on image features (one map per foundation stride): masks `B x M x *input`,
+        IoU `B x M`."""
         image_size, grid = tuple(features[0].shape[2:]), tuple(features[self.decoder.embed_index].shape[2:])
         prompts = prompts.to(features[0].device)
         sparse, dense = self.prompt_encoder(prompts, image_size, grid)
@@ -203,14 +228,17 @@ class KA2ER(nn.Module):
     def forward(self,
                 image: Tensor,  # B x C x *spatial raw intensities; spatial sizes divisible by 32
                 prompts: Prompts | None = None,  # clicks, boxes, mask prompts, classes
-                task: str | Sequence[str] | None = None,  # 'task:class' (or a one-class 'task') for all, or one per batch element
+                # 'task:class' (or a one-class 'task') for all, or one per batch element
+                task: str | Sequence[str] | None = None,
                 multimask_output: bool = True,  # SAM's ambiguity-aware masks, else the single-mask output
-                # `ExpertBank.encode(image, taps=self.expert_taps)`, when already computed (e.g. with the teachers' logits)
+                # `ExpertBank.encode(image, taps=self.expert_taps)`, when already computed (e.g. with the teachers'
+                # logits)
                 expert_features: Mapping[str, Sequence[Tensor]] | None = None,
                 expert_stats: Mapping[str, Tensor] | None = None,  # expert name -> B x C x 2 volume (mean, std)
                ) -> KA2EROutput:
         self.foundation.check_input(image)
-        prompts = self._prompts(prompts, task, image.shape[0])  # the prompt tensors are checked where they enter (Prompts.validate)
+        # the prompt tensors are checked where they enter (Prompts.validate)
+        prompts = self._prompts(prompts, task, image.shape[0])
         if expert_features is not None and self.experts is None:
             raise AmalgamError("KA2ER.forward: expert_features given to the baseline model, which has no experts")
         if expert_features is not None and expert_stats is not None:
@@ -220,7 +248,8 @@ class KA2ER(nn.Module):
         weights, names = {}, ()
         if self.experts is not None:
             bias = self.amalgamation.source_bias(prompts.classes)  # task routing: None without classes or with it off
-            # computed here, the experts' maps (full-resolution stages included) are freed once amalgamated, before the decoder runs
+            # computed here, the experts' maps (full-resolution stages included) are freed once amalgamated, before the
+            # decoder runs
             out = self.amalgamation(features, self.expert_features(image, stats=expert_stats) if expert_features is None
                                     else expert_features, source_bias=bias)
             features, weights, names = out.features, out.weights, tuple(out.expert_names)
@@ -282,12 +311,15 @@ def build_model(config: KA2ERConfig, experts: ExpertBank | None = None) -> KA2ER
 # %% ../nbs/07_model.ipynb
 def expert_weight_figure(image: Tensor, output: KA2EROutput, stride: int = 8, batch_index: int = 0, axis: int = -1,
                          index: int | None = None, channel: int = 0):
-    "A plotly figure: one slice of `image` (`B x C x *spatial`, as given to the model) and each expert's weight at `stride` on that slice (3D: the slice `index` along spatial `axis`, default the middle)."
+    """A plotly figure: one slice of `image` (`B x C x *spatial`, as given to the model) and each expert's weight at
+    `stride` on that slice (3D: the slice `index` along spatial `axis`, default the middle)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    if not output.expert_weights: raise AmalgamError("expert_weight_figure: this output has no expert weights (a baseline model without experts)")
+    if not output.expert_weights:
+        raise AmalgamError("expert_weight_figure: this output has no expert weights (a baseline model without experts)")
     if stride not in output.expert_weights:
-        raise AmalgamError(f"expert_weight_figure: no expert weights at stride {stride}; available strides {sorted(output.expert_weights)}")
+        raise AmalgamError(f"expert_weight_figure: no expert weights at stride {stride}; available strides "
+                           f"{sorted(output.expert_weights)}")
     spatial = tuple(image.shape[2:])
     w = output.expert_weights[stride][batch_index].detach().float().cpu()
     w = torch.nn.functional.interpolate(w[None], size=spatial, mode="nearest")[0]
@@ -295,7 +327,8 @@ def expert_weight_figure(image: Tensor, output: KA2EROutput, stride: int = 8, ba
     if len(spatial) == 3:
         ax = axis % 3
         index = spatial[ax] // 2 if index is None else index
-        if not 0 <= index < spatial[ax]: raise AmalgamError(f"expert_weight_figure: slice index {index} outside 0..{spatial[ax] - 1} on axis {ax}")
+        if not 0 <= index < spatial[ax]:
+            raise AmalgamError(f"expert_weight_figure: slice index {index} outside 0..{spatial[ax] - 1} on axis {ax}")
         img, w = img.select(ax, index), w.select(ax + 1, index)
     where = f", slice {index} of axis {axis % 3}" if len(spatial) == 3 else ""
     fig = make_subplots(1, 1 + len(w), subplot_titles=[f"image{where}", *(f"weight: {n}" for n in output.expert_names)])

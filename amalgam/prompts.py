@@ -25,7 +25,8 @@ _POINT_LABELS = (-1, 0, 1)
 
 @dataclass(eq=False)
 class Prompts:
-    "A batch of prompts. Every field is optional; all given fields share the batch size `B`; `d` is the number of spatial dimensions."
+    """A batch of prompts. Every field is optional; all given fields share the batch size `B`; `d` is the number of
+    spatial dimensions."""
     points: Tensor | None = None        # B x N x d float voxel coordinates (tensor axis order)
     point_labels: Tensor | None = None  # B x N: 1 positive, 0 negative, -1 padding
     boxes: Tensor | None = None         # B x 2 x d: inclusive min and max corner
@@ -48,29 +49,41 @@ class Prompts:
 
     def validate(self, spatial_shape: Sequence[int], batch_size: int | None = None,
                  num_classes: int | None = None, mask_shape: Sequence[int] | None = None) -> "Prompts":
-        "Check the prompts against an image of `spatial_shape` (and optionally its batch size, the class vocabulary size and the expected mask-prompt shape); raise `AmalgamError` naming the prompt, the batch element and the problem. Returns `self`."
+        """Check the prompts against an image of `spatial_shape` (and optionally its batch size, the class vocabulary
+        size and the expected mask-prompt shape); raise `AmalgamError` naming the prompt, the batch element and the
+        problem. Returns `self`."""
         shape = tuple(int(s) for s in spatial_shape)
         d = len(shape)
         if d not in (2, 3): raise AmalgamError(f"image spatial shape {shape}: expected 2 or 3 spatial dimensions")
         given = self.given()
-        if not given: raise AmalgamError("prompts: empty (no points, boxes, mask or class given); pass at least one, or a task for automatic mode")
+        if not given:
+            raise AmalgamError("prompts: empty (no points, boxes, mask or class given); pass at least one, or a task "
+                               "for automatic mode")
         for k, v in given.items():
-            if not isinstance(v, Tensor): raise AmalgamError(f"prompts.{k}: expected a torch.Tensor, got {type(v).__name__}")
+            if not isinstance(v, Tensor):
+                raise AmalgamError(f"prompts.{k}: expected a torch.Tensor, got {type(v).__name__}")
         if (self.points is None) != (self.point_labels is None):
             raise AmalgamError("prompts: points and point_labels must be given together")
         _check_shape("points", self.points, 3, d, shape, "B x N x d")
         _check_shape("boxes", self.boxes, 3, d, shape, "B x 2 x d")
         if self.boxes is not None and self.boxes.shape[1] != 2:
-            raise AmalgamError(f"prompts.boxes: expected B x 2 x {d} (min and max corner), got shape {tuple(self.boxes.shape)}")
-        if self.point_labels is not None and (self.point_labels.ndim != 2 or self.point_labels.shape != self.points.shape[:2]):
-            raise AmalgamError(f"prompts.point_labels: expected shape {tuple(self.points.shape[:2])} (B x N, one label per point), got {tuple(self.point_labels.shape)}")
+            raise AmalgamError(f"prompts.boxes: expected B x 2 x {d} (min and max corner), got shape "
+                               f"{tuple(self.boxes.shape)}")
+        if self.point_labels is not None and (self.point_labels.ndim != 2
+                                              or self.point_labels.shape != self.points.shape[:2]):
+            raise AmalgamError(f"prompts.point_labels: expected shape {tuple(self.points.shape[:2])} (B x N, one label "
+                               f"per point), got {tuple(self.point_labels.shape)}")
         if self.masks is not None:
             if self.masks.ndim != 2 + d or self.masks.shape[1] != 1:
-                raise AmalgamError(f"prompts.masks: expected B x 1 x {' x '.join('*' * d)} for a {d}D image, got shape {tuple(self.masks.shape)}")
+                raise AmalgamError(f"prompts.masks: expected B x 1 x {' x '.join('*' * d)} for a {d}D image, got shape "
+                                   f"{tuple(self.masks.shape)}")
             if mask_shape is not None and tuple(self.masks.shape[2:]) != tuple(mask_shape):
-                raise AmalgamError(f"prompts.masks: spatial shape {tuple(self.masks.shape[2:])} but this model expects mask prompts of shape {tuple(mask_shape)} (image {shape} / 4)")
+                raise AmalgamError(f"prompts.masks: spatial shape {tuple(self.masks.shape[2:])} but this model expects "
+                                   f"mask prompts of shape {tuple(mask_shape)} (image {shape} / 4)")
         if self.classes is not None:
-            if self.classes.ndim != 1: raise AmalgamError(f"prompts.classes: expected a 1-D tensor of B class indices, got shape {tuple(self.classes.shape)}")
+            if self.classes.ndim != 1:
+                raise AmalgamError("prompts.classes: expected a 1-D tensor of B class indices, got shape "
+                                   f"{tuple(self.classes.shape)}")
             if self.classes.dtype.is_floating_point or self.classes.dtype == torch.bool:
                 raise AmalgamError(f"prompts.classes: expected integer class indices, got dtype {self.classes.dtype}")
         sizes = {k: v.shape[0] for k, v in given.items()}
@@ -84,7 +97,8 @@ class Prompts:
             bad = ((self.classes < -1) | (self.classes >= num_classes)).nonzero()
             if len(bad):
                 i = int(bad[0, 0])
-                raise AmalgamError(f"prompts.classes[{i}] = {int(self.classes[i])}: out of range; the class vocabulary has {num_classes} classes (valid 0..{num_classes - 1}, or -1 for none)")
+                raise AmalgamError(f"prompts.classes[{i}] = {int(self.classes[i])}: out of range; the class vocabulary "
+                                   f"has {num_classes} classes (valid 0..{num_classes - 1}, or -1 for none)")
         self._check_not_empty(b)
         return self
 
@@ -93,16 +107,19 @@ class Prompts:
         unknown = ~torch.isin(lab, torch.tensor(_POINT_LABELS, device=lab.device))
         if unknown.any():
             i, n = (int(t) for t in unknown.nonzero()[0])
-            raise AmalgamError(f"prompts.point_labels[{i}, {n}] = {lab[i, n].item()}: unknown label; use 1 (positive), 0 (negative) or -1 (padding)")
+            raise AmalgamError(f"prompts.point_labels[{i}, {n}] = {lab[i, n].item()}: unknown label; use 1 (positive), "
+                               "0 (negative) or -1 (padding)")
         real = lab != -1
         _check_inside("points", self.points, real, shape)
 
     def _check_boxes(self, shape):
-        _check_inside("boxes", self.boxes, torch.ones(self.boxes.shape[:2], dtype=torch.bool, device=self.boxes.device), shape)
+        _check_inside("boxes", self.boxes, torch.ones(self.boxes.shape[:2], dtype=torch.bool, device=self.boxes.device),
+                      shape)
         flipped = (self.boxes[:, 0] > self.boxes[:, 1]).nonzero()
         if len(flipped):
             i, ax = (int(t) for t in flipped[0])
-            raise AmalgamError(f"prompts.boxes[{i}]: min corner {self.boxes[i, 0].tolist()} > max corner {self.boxes[i, 1].tolist()} on axis {ax}")
+            raise AmalgamError(f"prompts.boxes[{i}]: min corner {self.boxes[i, 0].tolist()} > max corner "
+                               f"{self.boxes[i, 1].tolist()} on axis {ax}")
 
     def _check_not_empty(self, b):
         has = torch.zeros(b, dtype=torch.bool)
@@ -111,13 +128,15 @@ class Prompts:
         if self.classes is not None: has |= (self.classes != -1).cpu()
         if not has.all():
             i = int((~has).nonzero()[0])
-            raise AmalgamError(f"prompts: batch element {i} has no prompt (all points are padding, no box, no mask, class -1)")
+            raise AmalgamError(f"prompts: batch element {i} has no prompt "
+                               "(all points are padding, no box, no mask, class -1)")
 
 def _check_shape(name, t, ndim, d, shape, layout):
     if t is None: return
     if t.ndim != ndim: raise AmalgamError(f"prompts.{name}: expected {layout}, got shape {tuple(t.shape)}")
     if t.shape[-1] != d:
-        raise AmalgamError(f"prompts.{name}: {t.shape[-1]} coordinates per point but the image is {d}D (spatial shape {shape}); give coordinates in tensor axis order")
+        raise AmalgamError(f"prompts.{name}: {t.shape[-1]} coordinates per point but the image is {d}D (spatial shape "
+                           f"{shape}); give coordinates in tensor axis order")
 
 def _check_inside(name, coords, use, shape):
     "Coordinates at `use` positions must be finite and within `[0, size - 1]` on every axis."
@@ -127,11 +146,13 @@ def _check_inside(name, coords, use, shape):
     if bad.any():
         i, n, _ = (int(t) for t in bad.nonzero()[0])
         what = f"{name}[{i}, {n}]" if name == "points" else f"{name}[{i}] {('min', 'max')[n]} corner"
-        raise AmalgamError(f"prompts.{what} = {c[i, n].tolist()}: outside the image of spatial shape {tuple(shape)} (valid voxel coordinates 0..size-1 per axis, tensor axis order)")
+        raise AmalgamError(f"prompts.{what} = {c[i, n].tolist()}: outside the image of spatial shape {tuple(shape)} "
+                           "(valid voxel coordinates 0..size-1 per axis, tensor axis order)")
 
 # %% ../nbs/06_prompts.ipynb
 class PositionEmbeddingRandom(nn.Module):
-    "Random Fourier features of `d`-dimensional positions (SAM): `[sin, cos](2π (2p - 1) G)` with a fixed Gaussian matrix `G` (d x num_pos_feats)."
+    """Random Fourier features of `d`-dimensional positions (SAM): `[sin, cos](2π (2p - 1) G)` with a fixed Gaussian
+    matrix `G` (d x num_pos_feats)."""
     def __init__(self,
                  spatial_dims: int,  # number of coordinates per position (2 or 3)
                  num_pos_feats: int = 64,  # output has 2 * num_pos_feats channels
@@ -164,7 +185,8 @@ def _conv(spatial_dims: int) -> type[nn.Module]:
     return (nn.Conv2d, nn.Conv3d)[spatial_dims - 2]
 
 class LayerNormChannels(nn.Module):
-    "LayerNorm over the channel axis of a `B x C x *spatial` map (SAM's `LayerNorm2d`, any number of spatial dimensions)."
+    """LayerNorm over the channel axis of a `B x C x *spatial` map (SAM's `LayerNorm2d`, any number of spatial
+    dimensions)."""
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_channels))
@@ -175,7 +197,8 @@ class LayerNormChannels(nn.Module):
         return F.layer_norm(x.movedim(1, -1), self.weight.shape, self.weight, self.bias, self.eps).movedim(-1, 1)
 
 class PromptEncoder(nn.Module):
-    "Embed prompts into sparse tokens (`B x N x D`: clicks, box corners, a class token) and a dense map (`B x D x *grid`: the mask prompt, or a learned no-mask embedding)."
+    """Embed prompts into sparse tokens (`B x N x D`: clicks, box corners, a class token) and a dense map
+    (`B x D x *grid`: the mask prompt, or a learned no-mask embedding)."""
     mask_downscale: int = 4  # a mask prompt has 4x the resolution of the image embedding grid (SAM)
 
     def __init__(self,
@@ -198,7 +221,8 @@ class PromptEncoder(nn.Module):
         self.class_embed = nn.Embedding(num_classes, embed_dim) if num_classes else None
         self.mask_downscaling = nn.Sequential(
             conv(1, mask_in_chans // 4, kernel_size=2, stride=2), LayerNormChannels(mask_in_chans // 4), activation(),
-            conv(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2), LayerNormChannels(mask_in_chans), activation(),
+            conv(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2), LayerNormChannels(mask_in_chans),
+            activation(),
             conv(mask_in_chans, embed_dim, kernel_size=1))
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
@@ -220,7 +244,8 @@ class PromptEncoder(nn.Module):
         return emb + (labels == 0) * self.point_embeddings[0].weight + (labels == 1) * self.point_embeddings[1].weight
 
     def _embed_boxes(self, boxes: Tensor, image_size) -> Tensor:
-        edges = torch.stack([boxes[:, 0], boxes[:, 1] + 1], dim=1)  # inclusive corners -> continuous extent [min, max + 1)
+        # inclusive corners -> continuous extent [min, max + 1)
+        edges = torch.stack([boxes[:, 0], boxes[:, 1] + 1], dim=1)
         emb = self.pe_layer.forward_with_coords(edges, image_size)
         return emb + torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])[None]
 
@@ -234,11 +259,13 @@ class PromptEncoder(nn.Module):
         `B x N x D`, dense `B x D x *grid_size`). The prompts are checked where they enter (`Prompts.validate`, called
         by `Segmenter` and `BatchStream`), not here."""
         if len(image_size) != self.spatial_dims or len(grid_size) != self.spatial_dims:
-            raise AmalgamError(f"image_size {tuple(image_size)} / grid_size {tuple(grid_size)}: expected {self.spatial_dims} spatial dimensions")
+            raise AmalgamError(f"image_size {tuple(image_size)} / grid_size {tuple(grid_size)}: expected "
+                               f"{self.spatial_dims} spatial dimensions")
         b, w = prompts.batch_size, self.no_mask_embed.weight
         tokens = [w.new_zeros(b, 0, self.embed_dim)]
         if prompts.points is not None:
-            tokens.append(self._embed_points(prompts.points.to(w), prompts.point_labels, prompts.boxes is None, image_size))
+            tokens.append(self._embed_points(prompts.points.to(w), prompts.point_labels, prompts.boxes is None,
+                                             image_size))
         if prompts.boxes is not None: tokens.append(self._embed_boxes(prompts.boxes.to(w), image_size))
         if prompts.classes is not None: tokens.append(self._embed_classes(prompts.classes))
         if prompts.masks is not None: dense = self.mask_downscaling(prompts.masks.to(w))
@@ -247,12 +274,14 @@ class PromptEncoder(nn.Module):
 
 # %% ../nbs/06_prompts.ipynb
 class Attention(nn.Module):
-    "Multi-head attention whose q/k/v projections may shrink the embedding by `downsample_rate` (SAM), computed with `F.scaled_dot_product_attention`."
+    """Multi-head attention whose q/k/v projections may shrink the embedding by `downsample_rate` (SAM), computed with
+    `F.scaled_dot_product_attention`."""
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1):
         super().__init__()
         self.internal_dim, self.num_heads = embedding_dim // downsample_rate, num_heads
         if embedding_dim % downsample_rate or self.internal_dim % num_heads:
-            raise AmalgamError(f"num_heads={num_heads} must divide embedding_dim={embedding_dim} / downsample_rate={downsample_rate}")
+            raise AmalgamError(f"num_heads={num_heads} must divide embedding_dim={embedding_dim} / "
+                               f"downsample_rate={downsample_rate}")
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
@@ -264,7 +293,8 @@ class Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         "`q`: B x Nq x C, `k`, `v`: B x Nk x C -> B x Nq x C."
-        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v)))
+        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)),
+                                             self._heads(self.v_proj(v)))
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 class MLPBlock(nn.Module):
@@ -276,7 +306,8 @@ class MLPBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor: return self.lin2(self.act(self.lin1(x)))
 
 class TwoWayAttentionBlock(nn.Module):
-    "Self-attention of the tokens, tokens → image cross-attention, MLP on the tokens, image → tokens cross-attention (SAM)."
+    """Self-attention of the tokens, tokens → image cross-attention, MLP on the tokens,
+    image → tokens cross-attention (SAM)."""
     def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int, activation: type[nn.Module] = nn.ReLU,
                  attention_downsample_rate: int = 2, skip_first_layer_pe: bool = False):
         super().__init__()
@@ -310,13 +341,15 @@ class TwoWayTransformer(nn.Module):
                 ):
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, activation, attention_downsample_rate, skip_first_layer_pe=(i == 0))
+            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, activation, attention_downsample_rate,
+                                 skip_first_layer_pe=(i == 0))
             for i in range(depth))
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        "`image_embedding`, `image_pe`: B x C x *grid; `point_embedding`: B x N x C -> (tokens B x N x C, image tokens B x prod(grid) x C)."
+        """`image_embedding`, `image_pe`: B x C x *grid; `point_embedding`: B x N x C
+        -> (tokens B x N x C, image tokens B x prod(grid) x C)."""
         keys, key_pe = image_embedding.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers: queries, keys = layer(queries, keys, point_embedding, key_pe)
@@ -336,17 +369,23 @@ class MLP(nn.Module):
         return x
 
 class MaskDecoder(nn.Module):
-    "SAM's mask decoder on a feature pyramid: a two-way transformer at `embed_stride`, then a U-Net up path over the finer skip features to full input resolution, where each mask token's hypernetwork MLP is dotted with the per-voxel embedding."
+    """SAM's mask decoder on a feature pyramid: a two-way transformer at `embed_stride`, then a U-Net up path over the
+    finer skip features to full input resolution, where each mask token's hypernetwork MLP is dotted with the per-voxel
+    embedding."""
     def __init__(self,
                  spatial_dims: int,  # 2 or 3
-                 feature_channels: Sequence[int],  # channels of the image features, finest first (the foundation's `channels`)
-                 feature_strides: Sequence[int],  # their strides w.r.t. the input, increasing, starting at 1 (the foundation's `strides`)
-                 embed_stride: int = 16,  # stride of the image embedding the transformer works on; coarser levels are folded into it
+                 # channels of the image features, finest first (the foundation's `channels`)
+                 feature_channels: Sequence[int],
+                 # their strides w.r.t. the input, increasing, starting at 1 (the foundation's `strides`)
+                 feature_strides: Sequence[int],
+                 # stride of the image embedding the transformer works on; coarser levels are folded into it
+                 embed_stride: int = 16,
                  transformer_dim: int = 96,  # token and image-embedding dimension
                  transformer_depth: int = 2,  # two-way blocks
                  num_heads: int = 4,  # attention heads
                  mlp_dim: int | None = None,  # token MLP width (default 8 x transformer_dim, SAM's ratio)
-                 num_multimask_outputs: int = 3,  # masks for ambiguous prompts; one more token gives the single-mask output
+                 # masks for ambiguous prompts; one more token gives the single-mask output
+                 num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3,  # layers of the IoU prediction MLP
                  iou_head_hidden_dim: int | None = None,  # its width (default transformer_dim)
                  attention_downsample_rate: int = 2,  # cross-attention width reduction
@@ -354,11 +393,14 @@ class MaskDecoder(nn.Module):
                 ):
         super().__init__()
         ch, st = [int(c) for c in feature_channels], [int(s) for s in feature_strides]
-        if len(ch) != len(st) or not st: raise AmalgamError(f"feature_channels {ch} and feature_strides {st}: need one channel count per stride")
+        if len(ch) != len(st) or not st:
+            raise AmalgamError(f"feature_channels {ch} and feature_strides {st}: need one channel count per stride")
         if st[0] != 1 or any(b <= a or b % a for a, b in zip(st, st[1:])):
-            raise AmalgamError(f"feature_strides {st}: must start at 1 (full resolution) and increase by integer factors")
+            raise AmalgamError(f"feature_strides {st}: must start at 1 (full resolution) "
+                               "and increase by integer factors")
         if embed_stride not in st: raise AmalgamError(f"embed_stride={embed_stride}: not among feature_strides {st}")
-        if num_multimask_outputs < 1: raise AmalgamError(f"num_multimask_outputs: must be >= 1, got {num_multimask_outputs}")
+        if num_multimask_outputs < 1:
+            raise AmalgamError(f"num_multimask_outputs: must be >= 1, got {num_multimask_outputs}")
         conv = _conv(spatial_dims)
         self.spatial_dims, self.feature_channels, self.feature_strides = spatial_dims, ch, st
         self.embed_stride, self.transformer_dim = embed_stride, transformer_dim
@@ -367,9 +409,11 @@ class MaskDecoder(nn.Module):
 
         # image embedding: the embed-stride level plus every coarser level, projected and summed (then SAM's neck)
         self.input_proj = nn.ModuleList(conv(c, transformer_dim, kernel_size=1) for c in ch[self.embed_index:])
-        self.neck = nn.Sequential(LayerNormChannels(transformer_dim), conv(transformer_dim, transformer_dim, kernel_size=3, padding=1, bias=False),
+        self.neck = nn.Sequential(LayerNormChannels(transformer_dim),
+                                  conv(transformer_dim, transformer_dim, kernel_size=3, padding=1, bias=False),
                                   LayerNormChannels(transformer_dim))
-        self.transformer = TwoWayTransformer(transformer_depth, transformer_dim, num_heads, mlp_dim or 8 * transformer_dim,
+        self.transformer = TwoWayTransformer(transformer_depth, transformer_dim, num_heads,
+                                             mlp_dim or 8 * transformer_dim,
                                              attention_downsample_rate=attention_downsample_rate)
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
@@ -381,12 +425,15 @@ class MaskDecoder(nn.Module):
             c_in = ch[i]
         self.output_upscaling = nn.ModuleList(ups)
         self.mask_dim = c_in
-        self.output_hypernetworks_mlps = nn.ModuleList(MLP(transformer_dim, transformer_dim, self.mask_dim, 3) for _ in range(self.num_mask_tokens))
-        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim or transformer_dim, self.num_mask_tokens, iou_head_depth)
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(transformer_dim, transformer_dim, self.mask_dim, 3)
+                                                       for _ in range(self.num_mask_tokens))
+        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim or transformer_dim, self.num_mask_tokens,
+                                       iou_head_depth)
 
     def _check(self, features: Sequence[Tensor]):
         if len(features) != len(self.feature_channels):
-            raise AmalgamError(f"features: expected {len(self.feature_channels)} maps (strides {self.feature_strides}), got {len(features)}")
+            raise AmalgamError(f"features: expected {len(self.feature_channels)} maps (strides "
+                               f"{self.feature_strides}), got {len(features)}")
         full = features[0].shape[2:]
         for f, c, s in zip(features, self.feature_channels, self.feature_strides):
             want = (features[0].shape[0], c, *(n // s for n in full))
@@ -397,7 +444,8 @@ class MaskDecoder(nn.Module):
         "The transformer's image embedding `B x D x *grid` from the levels at and above `embed_stride`."
         levels = features[self.embed_index:]
         grid = levels[0].shape[2:]
-        emb = sum(F.interpolate(p(f), size=grid, mode="nearest") if i else p(f) for i, (p, f) in enumerate(zip(self.input_proj, levels)))
+        emb = sum(F.interpolate(p(f), size=grid, mode="nearest") if i else p(f)
+                  for i, (p, f) in enumerate(zip(self.input_proj, levels)))
         return self.neck(emb)
 
     def forward(self,
@@ -407,15 +455,18 @@ class MaskDecoder(nn.Module):
                 dense: Tensor,  # B x D x *grid dense prompt embedding
                 multimask_output: bool = True,  # the num_multimask_outputs masks, else the single-mask output
                ) -> tuple[Tensor, Tensor]:
-        "Masks `B x M x *input` (logits at full input resolution) and IoU predictions `B x M`, `M` = num_multimask_outputs or 1."
+        """Masks `B x M x *input` (logits at full input resolution) and IoU predictions `B x M`,
+        `M` = num_multimask_outputs or 1."""
         self._check(features)
         src = self.image_embedding(features)
         b, grid = src.shape[0], src.shape[2:]
         d = self.transformer_dim
         if (sparse.ndim != 3 or sparse.shape[0] != b or sparse.shape[2] != d or tuple(dense.shape) != tuple(src.shape)
                 or tuple(image_pe.shape) != (1, d, *grid)):
-            raise AmalgamError(f"prompt embeddings (sparse {tuple(sparse.shape)}, dense {tuple(dense.shape)}, image_pe {tuple(image_pe.shape)}) "
-                               f"do not match the image embedding {tuple(src.shape)}: expected B x N x {d}, {tuple(src.shape)} and (1, {d}, *{tuple(grid)})")
+            raise AmalgamError(f"prompt embeddings (sparse {tuple(sparse.shape)}, dense {tuple(dense.shape)}, "
+                               f"image_pe {tuple(image_pe.shape)}) do not match the image embedding "
+                               f"{tuple(src.shape)}: expected B x N x {d}, {tuple(src.shape)} "
+                               f"and (1, {d}, *{tuple(grid)})")
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])[None].expand(b, -1, -1)
         tokens = torch.cat([out_tokens, sparse], dim=1)
         hs, keys = self.transformer(src + dense, image_pe.expand(b, *image_pe.shape[1:]), tokens)
