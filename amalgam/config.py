@@ -35,7 +35,8 @@ __all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
-    "Bad input found at a boundary (a manifest, an image, a prompt, a checkpoint); the message names the file and the problem."
+    """Bad input found at a boundary (a manifest, an image, a prompt, a checkpoint); the message names the file and the
+    problem."""
 
 # %% ../nbs/00_config.ipynb
 def did_you_mean(word, choices) -> str:
@@ -45,7 +46,8 @@ def did_you_mean(word, choices) -> str:
 
 # %% ../nbs/00_config.ipynb
 def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
-    "The entries of `d` for the dataclass `cls`; any key that is not one of its fields is an `AmalgamError` naming it, with a did-you-mean hint."
+    """The entries of `d` for the dataclass `cls`; any key that is not one of its fields is an `AmalgamError` naming it,
+    with a did-you-mean hint."""
     what = what or cls.__name__
     if not isinstance(d, Mapping): raise AmalgamError(f"{what}: expected a mapping of fields, got {type(d).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -62,7 +64,8 @@ def _plain(v):
     return v
 
 class DictConfig:
-    "Mixin of the config dataclasses (model, data, losses, training, recipe): `to_dict` gives plain JSON-ready values, `from_dict` is its inverse and refuses unknown keys (`fields_from_dict`)."
+    """Mixin of the config dataclasses (model, data, losses, training, recipe): `to_dict` gives plain JSON-ready values,
+    `from_dict` is its inverse and refuses unknown keys (`fields_from_dict`)."""
     def to_dict(self) -> dict: return _plain(dataclasses.asdict(self))
 
     @classmethod
@@ -86,7 +89,8 @@ def _check_scalar_types(cls, fields: Mapping, what: str) -> None:
 
 # %% ../nbs/00_config.ipynb
 def repo_root(start: str | os.PathLike | None = None) -> Path | None:
-    "The closest folder at or above `start` (default: the current folder) that holds amalgam's `settings.ini`, else `None`."
+    """The closest folder at or above `start` (default: the current folder) that holds amalgam's `settings.ini`, else
+    `None`."""
     p = Path(start or Path.cwd()).resolve()
     for d in (p, *p.parents):
         ini = d / "settings.ini"
@@ -95,7 +99,8 @@ def repo_root(start: str | os.PathLike | None = None) -> Path | None:
     return None
 
 def workspace(path: str | os.PathLike | None = None) -> Path:
-    "The workspace folder: `path` if given, else `$AMALGAM_WORKSPACE`, else `<repo root>/workspace`, else `~/.cache/amalgam`."
+    """The workspace folder: `path` if given, else `$AMALGAM_WORKSPACE`, else `<repo root>/workspace`, else
+    `~/.cache/amalgam`."""
     if path is not None: return Path(path).expanduser().resolve()
     env = os.environ.get("AMALGAM_WORKSPACE")
     if env: return Path(env).expanduser().resolve()
@@ -105,13 +110,17 @@ def workspace(path: str | os.PathLike | None = None) -> Path:
 def manifests_dir() -> Path:
     "The shipped `data_manifests/` folder of this checkout."
     root = repo_root(Path(__file__).parent) if "__file__" in globals() else repo_root()
-    if root is None: raise AmalgamError("data_manifests/: not inside an amalgam checkout (no settings.ini found above the package)")
+    if root is None:
+        raise AmalgamError(
+            "data_manifests/: not inside an amalgam checkout (no settings.ini found above the package)")
     return root / "data_manifests"
 
 # %% ../nbs/00_config.ipynb
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    "Seed `random`, NumPy and torch; with `deterministic`, make torch use deterministic algorithms (warn-only where none exists)."
-    if not isinstance(seed, (int, np.integer)) or seed < 0: raise AmalgamError(f"seed: expected a non-negative integer, got {seed!r}")
+    """Seed `random`, NumPy and torch; with `deterministic`, make torch use deterministic algorithms (warn-only where
+    none exists)."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise AmalgamError(f"seed: expected a non-negative integer, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -140,7 +149,8 @@ def _umask() -> int:
     return mask
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, `os.replace`); parent folders are created, permissions follow the umask."
+    """Write `data` to `path` atomically (temp file in the same folder, fsync, `os.replace`); parent folders are
+    created, permissions follow the umask."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files; a written file should look like any other
@@ -156,7 +166,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    "Yield a temporary file path next to `path`; on success it replaces `path`, on error it is removed. For writers that want a file name (nibabel, torch.save)."
+    """Yield a temporary file path next to `path`; on success it replaces `path`, on error it is removed. For writers
+    that want a file name (nibabel, torch.save)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd); os.chmod(tmp, 0o666 & ~_umask())
@@ -168,7 +179,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    "Yield an empty temporary folder next to `path`; on success it is renamed to `path`, on error it is deleted. With `overwrite`, an existing `path` is replaced."
+    """Yield an empty temporary folder next to `path`; on success it is renamed to `path`, on error it is deleted. With
+    `overwrite`, an existing `path` is replaced."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise AmalgamError(f"{path}: already exists (pass --overwrite, or overwrite=True from Python, to replace it)")
@@ -181,8 +193,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if tmp.exists(): shutil.rmtree(tmp)
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
-    """Remove what a killed `atomic_write`, `atomic_path`, `atomic_dir` or `replace_dir` left in `folder` for the files or
-    folders `names` (`.NAME.<random>...`); returns what was removed. Call it only where no other process is writing `names`."""
+    """Remove what a killed `atomic_write`, `atomic_path`, `atomic_dir` or `replace_dir` left in `folder` for the files
+    or folders `names` (`.NAME.<random>...`); returns what was removed. Call it only where no other process is writing
+    `names`."""
     folder, removed = Path(folder), []
     for name in names:
         for p in sorted(folder.glob(f".{glob.escape(name)}.*")) if folder.is_dir() else []:
@@ -192,7 +205,8 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Sequence[str]) ->
     return removed
 
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    "Move the finished folder `src` (on the same file system) to `dst`; an existing `dst` is swapped out by rename and only then deleted."
+    """Move the finished folder `src` (on the same file system) to `dst`; an existing `dst` is swapped out by rename and
+    only then deleted."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
@@ -254,7 +268,8 @@ def key_coverage(model: torch.nn.Module | Mapping[str, torch.Tensor], state: Map
                                          if k in own and shape(v) != shape(own[k])})
 
 # %% ../nbs/00_config.ipynb
-TRACKED_PACKAGES = ("amalgam", "torch", "torchvision", "monai", "nnunetv2", "numpy", "nibabel", "SimpleITK", "scipy", "plotly", "papermill")
+TRACKED_PACKAGES = ("amalgam", "torch", "torchvision", "monai", "nnunetv2", "numpy", "nibabel", "SimpleITK", "scipy",
+                    "plotly", "papermill")
 
 def git_commit(root: str | os.PathLike | None = None) -> dict:
     "The checkout's commit hash and whether its tracked files differ from it (`None` outside a git checkout)."
@@ -277,7 +292,8 @@ def package_versions(names: Sequence[str] = TRACKED_PACKAGES) -> dict:
     return out
 
 def provenance(params: Mapping | None = None, manifests: Sequence[str | os.PathLike] = ()) -> dict:
-    "Everything a report records about how it was made: parameters, git commit, manifest sha256s, package versions, machine, UTC time."
+    """Everything a report records about how it was made: parameters, git commit, manifest sha256s, package versions,
+    machine, UTC time."""
     return {
         "params": dict(params or {}),
         "git": git_commit(),

@@ -41,7 +41,8 @@ class Recipe(DictConfig):
     expert_configuration: str = "2d"
     expert_trainer: str = SMOKE_TRAINER
     fold: int = 0
-    expert_amp: str = "auto"  # frozen experts' precision: "auto" (bf16 where the hardware does it natively), "bf16" or "off"
+    # frozen experts' precision: "auto" (bf16 where the hardware does it natively), "bf16" or "off"
+    expert_amp: str = "auto"
     # data
     spatial_dims: int = 2
     patch_size: tuple[int, ...] = (64, 64)
@@ -56,7 +57,8 @@ class Recipe(DictConfig):
     zero_init_expert_path: bool = True  # KA²ER starts as the baseline: the expert path adds exactly zero at step 0
     task_routing: bool = True  # the class prompt biases the expert weighting (learned, zero at start)
     expert_taps: str = "encoder"  # the experts' maps amalgamated: "encoder" stages or "decoder" stage outputs
-    expert_residual: bool = False  # each expert's conditioned feature keeps its own token, not only what attention brings
+    # each expert's conditioned feature keeps its own token, not only what attention brings
+    expert_residual: bool = False
     # training
     steps: int = 200
     lr: float = 5e-4
@@ -80,11 +82,15 @@ class Recipe(DictConfig):
     def __post_init__(self):
         self.patch_size, self.modes = tuple(int(s) for s in self.patch_size), tuple(self.modes)
         self.scales = tuple(int(s) for s in self.scales)
-        if self.spatial_dims not in (2, 3): raise AmalgamError(f"Recipe.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
+        if self.spatial_dims not in (2, 3):
+            raise AmalgamError(f"Recipe.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if len(self.patch_size) != self.spatial_dims:
-            raise AmalgamError(f"Recipe.patch_size {list(self.patch_size)}: needs {self.spatial_dims} sizes for spatial_dims={self.spatial_dims}")
-        if self.expert_amp not in ("auto", "bf16", "off"): raise AmalgamError(f"Recipe.expert_amp: expected 'auto', 'bf16' or 'off', got {self.expert_amp!r}")
-        if self.expert_taps not in TAPS: raise AmalgamError(f"Recipe.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
+            raise AmalgamError(f"Recipe.patch_size {list(self.patch_size)}: needs {self.spatial_dims} sizes "
+                               f"for spatial_dims={self.spatial_dims}")
+        if self.expert_amp not in ("auto", "bf16", "off"):
+            raise AmalgamError(f"Recipe.expert_amp: expected 'auto', 'bf16' or 'off', got {self.expert_amp!r}")
+        if self.expert_taps not in TAPS:
+            raise AmalgamError(f"Recipe.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
         bad = [m for m in self.modes if m not in EVAL_MODES]
         if bad: raise AmalgamError(f"Recipe.modes: unknown mode(s) {bad}; choose from {list(EVAL_MODES)}")
         for k in ("steps", "batch_size", "n_boot"):
@@ -93,7 +99,8 @@ class Recipe(DictConfig):
     @classmethod
     def from_notebook(cls, recipe: Mapping | None, device: str, seed: int) -> "Recipe":
         """The recipe of an experiment notebook: its `recipe` parameter (a mapping of fields, e.g. a params file's
-        `recipe:` section; a misspelt key is an error with a did-you-mean hint) with the notebook's `device` and `seed`."""
+        `recipe:` section; a misspelt key is an error with a did-you-mean hint) with the notebook's `device` and
+        `seed`."""
         given = dict(recipe or {})
         twice = sorted({"device", "seed"} & set(given))
         if twice:
@@ -102,11 +109,12 @@ class Recipe(DictConfig):
         return cls.from_dict({**given, "device": device, "seed": seed})
 
     def with_steps(self, steps: int | None) -> "Recipe":
-        """The recipe trained for `steps` (None: unchanged), its warm-up and checkpoint interval scaled along, so a shorter
-        run keeps the recipe's schedule shape rather than spending most of itself warming up."""
+        """The recipe trained for `steps` (None: unchanged), its warm-up and checkpoint interval scaled along, so a
+        shorter run keeps the recipe's schedule shape rather than spending most of itself warming up."""
         if steps is None or steps == self.steps: return self
         warmup = round(self.warmup_steps * steps / self.steps)
-        return dataclasses.replace(self, steps=steps, warmup_steps=warmup, checkpoint_every=min(self.checkpoint_every, steps))
+        return dataclasses.replace(self, steps=steps, warmup_steps=warmup,
+                                   checkpoint_every=min(self.checkpoint_every, steps))
 
 # %% ../nbs/17_experiments.ipynb
 ABLATIONS = {
@@ -125,7 +133,8 @@ ABLATIONS = {
 }
 
 def variant_edit(name: str, n_experts: int) -> dict:
-    "The edit that makes variant `name` (`ka2er`, `baseline`, an `ABLATIONS` key, or `experts_k<k>` with 1 <= k < `n_experts`)."
+    """The edit that makes variant `name` (`ka2er`, `baseline`, an `ABLATIONS` key, or `experts_k<k>` with 1 <= k <
+    `n_experts`)."""
     if name == "ka2er": return {}
     if name == "baseline": return {"experts": 0}
     if name in ABLATIONS: return ABLATIONS[name]
@@ -135,17 +144,19 @@ def variant_edit(name: str, n_experts: int) -> dict:
     raise AmalgamError(f"variant {name!r}: unknown; choose from {known}{did_you_mean(name, known)}")
 
 # %% ../nbs/17_experiments.ipynb
-def variant_configs(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str = "ka2er", n_experts: int | None = None,
-                    pretrained: str | os.PathLike | None = None) -> tuple[KA2ERConfig, DataConfig, TrainConfig, LossConfig, int]:
-    "(model, data, train, loss configs, number of experts to use) for variant `name` of `recipe` on `tasks` (task -> class names)."
+def variant_configs(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str = "ka2er",
+                    n_experts: int | None = None, pretrained: str | os.PathLike | None = None
+                    ) -> tuple[KA2ERConfig, DataConfig, TrainConfig, LossConfig, int]:
+    """(model, data, train, loss configs, number of experts to use) for variant `name` of `recipe` on `tasks` (task ->
+    class names)."""
     n_experts = len(tasks) if n_experts is None else n_experts
     edit, r = variant_edit(name, n_experts), recipe
     use_pretrained = pretrained is not None and edit.get("pretrained", True)
     model = KA2ERConfig(**{
-        "spatial_dims": r.spatial_dims, "feature_size": r.feature_size, "hidden_dim": r.hidden_dim, "num_heads": r.num_heads,
-        "transformer_dim": r.transformer_dim, "iou_head_hidden_dim": r.transformer_dim, "embed_stride": r.embed_stride,
-        "scales": r.scales, "zero_init_expert_path": r.zero_init_expert_path, "task_routing": r.task_routing,
-        "expert_taps": r.expert_taps, "expert_residual": r.expert_residual,
+        "spatial_dims": r.spatial_dims, "feature_size": r.feature_size, "hidden_dim": r.hidden_dim,
+        "num_heads": r.num_heads, "transformer_dim": r.transformer_dim, "iou_head_hidden_dim": r.transformer_dim,
+        "embed_stride": r.embed_stride, "scales": r.scales, "zero_init_expert_path": r.zero_init_expert_path,
+        "task_routing": r.task_routing, "expert_taps": r.expert_taps, "expert_residual": r.expert_residual,
         "tasks": {t: list(c) for t, c in tasks.items()}, "pretrained": str(pretrained) if use_pretrained else None,
         "seed": r.seed, **edit.get("model", {})})
     data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)
@@ -162,15 +173,18 @@ def same_as_full(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str, 
     return variant_configs(recipe, tasks, name, n_experts, pretrained) == full
 
 # %% ../nbs/17_experiments.ipynb
-def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recipe, workspace_dir: str | os.PathLike | None = None,
+def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recipe,
+                workspace_dir: str | os.PathLike | None = None,
                 folders: Mapping[str, str | os.PathLike] | None = None) -> tuple[ExpertBank, list[dict]]:
-    """One frozen expert per manifest: trained (or reused) by nnU-Net with the recipe's configuration and trainer, or, for a task
-    in `folders`, loaded from that nnU-Net model folder or `nnUNetv2_export_model_to_zip` zip (experts trained elsewhere).
-    Returns the bank and the JSON-ready sources a run records."""
+    """One frozen expert per manifest: trained (or reused) by nnU-Net with the recipe's configuration and trainer, or,
+    for a task in `folders`, loaded from that nnU-Net model folder or `nnUNetv2_export_model_to_zip` zip (experts
+    trained elsewhere). Returns the bank and the JSON-ready sources a run records."""
     experts, sources = [], []
     ms = [m if isinstance(m, Manifest) else load_manifest(m) for m in manifests]
     unknown = sorted(set(folders or {}) - {m.task for m in ms})
-    if unknown: raise AmalgamError(f"expert folders given for unknown task(s) {unknown}; the manifests' tasks are {[m.task for m in ms]}")
+    if unknown:
+        raise AmalgamError(f"expert folders given for unknown task(s) {unknown}; "
+                           f"the manifests' tasks are {[m.task for m in ms]}")
     for m in ms:
         given = (folders or {}).get(m.task)
         if given is not None and str(given).endswith(".zip"):
@@ -184,11 +198,13 @@ def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recip
         experts.append(e)
         e.amp = expert_precision(recipe.expert_amp, recipe.device)
         e.task = m.task  # a model trained elsewhere names its task by its nnU-Net dataset; it serves the manifest's
-        sources.append({"name": m.task, "task": m.task, "folder": str(folder), "fold": recipe.fold, "labels": dict(m.labels), "amp": e.amp})
+        sources.append({"name": m.task, "task": m.task, "folder": str(folder), "fold": recipe.fold,
+                        "labels": dict(m.labels), "amp": e.amp})
     return ExpertBank(experts), sources
 
 def expert_precision(setting: str, device: str | torch.device) -> str:
-    "The experts' `amp` for `setting` on `device`: `auto` is bf16 on a CUDA GPU with bf16 and on a CPU with AMX bf16 tiles, else off."
+    """The experts' `amp` for `setting` on `device`: `auto` is bf16 on a CUDA GPU with bf16 and on a CPU with AMX bf16
+    tiles, else off."""
     if setting != "auto": return setting
     device = torch.device(device)
     if device.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "off"
@@ -201,35 +217,41 @@ def sub_bank(bank: ExpertBank, sources: Sequence[dict], k: int) -> tuple[ExpertB
 
 # %% ../nbs/17_experiments.ipynb
 def data_root(workspace_dir: str | os.PathLike | None = None) -> Path:
-    "The nnUNet_raw folder the manifests are materialised in for this workspace: the same one its experts were trained from."
+    """The nnUNet_raw folder the manifests are materialised in for this workspace: the same one its experts were trained
+    from."""
     return NnUNetPaths.under(workspace_dir).raw
 
-def pretrained_foundation(recipe: Recipe, manifests: Sequence[str | os.PathLike], workspace_dir: str | os.PathLike | None = None,
-                          progress: bool = False) -> Path | None:
+def pretrained_foundation(recipe: Recipe, manifests: Sequence[str | os.PathLike],
+                          workspace_dir: str | os.PathLike | None = None, progress: bool = False) -> Path | None:
     "The recipe's self-supervised foundation checkpoint (made once, then reused), or None when `pretrain_steps` is 0."
     from amalgam.pretrain import pretrain_foundation
     if recipe.pretrain_steps <= 0: return None
     r = recipe
-    key = json.dumps({"dims": r.spatial_dims, "patch": list(r.patch_size), "fs": r.feature_size, "steps": r.pretrain_steps, "seed": r.seed,
-                      "batch": r.batch_size, "manifests": sorted(hashlib.sha256(Path(m).read_bytes()).hexdigest() for m in manifests)}, sort_keys=True)
+    key = json.dumps({"dims": r.spatial_dims, "patch": list(r.patch_size), "fs": r.feature_size,
+                      "steps": r.pretrain_steps, "seed": r.seed, "batch": r.batch_size,
+                      "manifests": sorted(hashlib.sha256(Path(m).read_bytes()).hexdigest() for m in manifests)},
+                     sort_keys=True)
     out = workspace(workspace_dir) / "pretrained" / f"swinvit_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if out.is_file(): return out
     data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)
-    return Path(pretrain_foundation(out, manifests, data, r.spatial_dims, r.feature_size, steps=r.pretrain_steps, seed=r.seed,
-                                    device=r.device, progress=progress, root=data_root(workspace_dir)))
+    return Path(pretrain_foundation(out, manifests, data, r.spatial_dims, r.feature_size, steps=r.pretrain_steps,
+                                    seed=r.seed, device=r.device, progress=progress, root=data_root(workspace_dir)))
 
-def train_variant(name: str, recipe: Recipe, manifests: Sequence[str | os.PathLike], bank: ExpertBank, sources: Sequence[dict],
-                  pretrained: str | os.PathLike | None = None, workspace_dir: str | os.PathLike | None = None,
-                  progress: bool = True, runs_dir: str | os.PathLike | None = None) -> Path:
-    "Train variant `name` (see `variant_edit`) into `<runs_dir>/<name>` (default `<workspace>/runs`); returns the run folder."
+def train_variant(name: str, recipe: Recipe, manifests: Sequence[str | os.PathLike], bank: ExpertBank,
+                  sources: Sequence[dict], pretrained: str | os.PathLike | None = None,
+                  workspace_dir: str | os.PathLike | None = None, progress: bool = True,
+                  runs_dir: str | os.PathLike | None = None) -> Path:
+    """Train variant `name` (see `variant_edit`) into `<runs_dir>/<name>` (default `<workspace>/runs`); returns the run
+    folder."""
     tasks = task_classes(manifests)
     model, data, trn, loss, k = variant_configs(recipe, tasks, name, len(bank), pretrained)
     experts, used = sub_bank(bank, sources, k)
     # fewer amalgamated experts, the same teachers: experts_k differs from the full model in its features only
     partial = 0 < k < len(bank)
     run_dir = (Path(runs_dir) if runs_dir is not None else workspace(workspace_dir) / "runs") / name
-    train(run_dir, list(manifests), model, data, trn, loss, experts, expert_sources=used, resume=True, progress=progress,
-          root=data_root(workspace_dir), teachers=bank if partial else None, teacher_sources=list(sources) if partial else None)
+    train(run_dir, list(manifests), model, data, trn, loss, experts, expert_sources=used, resume=True,
+          progress=progress, root=data_root(workspace_dir), teachers=bank if partial else None,
+          teacher_sources=list(sources) if partial else None)
     return run_dir
 
 # %% ../nbs/17_experiments.ipynb
@@ -248,8 +270,10 @@ def _cases(dataset: MultiTaskDataset, tasks: Sequence[str] | None):
         if tasks is None or case["task"] in tasks: yield case
 
 def evaluate_model(method: str, segmenter, dataset: MultiTaskDataset, labels: Mapping[str, Mapping[str, int]],
-                   modes: Sequence[str] = EVAL_MODES, nsd_tolerance_mm: float = 2.0, tasks: Sequence[str] | None = None) -> list[dict]:
-    "Records of a trained KA²ER or baseline (an `amalgam.infer.Segmenter`) in each prompt mode on every class of every test case."
+                   modes: Sequence[str] = EVAL_MODES, nsd_tolerance_mm: float = 2.0,
+                   tasks: Sequence[str] | None = None) -> list[dict]:
+    """Records of a trained KA²ER or baseline (an `amalgam.infer.Segmenter`) in each prompt mode on every class of
+    every test case."""
     out = []
     for case in _cases(dataset, tasks):
         t, label = case["task"], case["label"][0].numpy()
@@ -262,7 +286,8 @@ def evaluate_model(method: str, segmenter, dataset: MultiTaskDataset, labels: Ma
 
 def evaluate_experts(bank: ExpertBank, dataset: MultiTaskDataset, labels: Mapping[str, Mapping[str, int]],
                      nsd_tolerance_mm: float = 2.0, cross_task: bool = True) -> list[dict]:
-    "Records of each expert on its own task (`method='expert'`) and, with `cross_task`, on the other tasks (`method='expert <name>'`)."
+    """Records of each expert on its own task (`method='expert'`) and, with `cross_task`, on the other tasks
+    (`method='expert <name>'`)."""
     out = []
     for case in _cases(dataset, None):
         t, label = case["task"], case["label"][0].numpy()
@@ -273,28 +298,35 @@ def evaluate_experts(bank: ExpertBank, dataset: MultiTaskDataset, labels: Mappin
             shared = [c for c in labels[t] if c in e.labels]
             method = "expert" if own else f"expert {e.name}"
             if shared:
-                for cls in shared: out.append(_record(method, "auto", t, cls, case, pred == e.labels[cls], label == labels[t][cls], nsd_tolerance_mm, expert=e.name))
+                for cls in shared:
+                    out.append(_record(method, "auto", t, cls, case, pred == e.labels[cls], label == labels[t][cls],
+                                       nsd_tolerance_mm, expert=e.name))
             else:
-                out.append(_record(method, "auto", t, "foreground", case, pred > 0, label > 0, nsd_tolerance_mm, expert=e.name))
+                out.append(_record(method, "auto", t, "foreground", case, pred > 0, label > 0, nsd_tolerance_mm,
+                                   expert=e.name))
     return out
 
 def slice_boxes(mask: np.ndarray) -> dict[int, np.ndarray]:
-    "MedSAM's evaluation prompts: the tight 2D box (min and max (row, col) corner) of `mask` on every slice along the first axis that contains it."
+    """MedSAM's evaluation prompts: the tight 2D box (min and max (row, col) corner) of `mask` on every slice along the
+    first axis that contains it."""
     boxes = {}
     for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1)):
         rows, cols = np.nonzero(mask[z])
         boxes[int(z)] = np.array([[rows.min(), cols.min()], [rows.max(), cols.max()]])
     return boxes
 
-def evaluate_litemedsam(model, dataset: MultiTaskDataset, labels: Mapping[str, Mapping[str, int]], modalities: Mapping[str, str],
-                        nsd_tolerance_mm: float = 2.0, max_slices: int | None = None, segmenters: Mapping | None = None,
+def evaluate_litemedsam(model, dataset: MultiTaskDataset, labels: Mapping[str, Mapping[str, int]],
+                        modalities: Mapping[str, str], nsd_tolerance_mm: float = 2.0, max_slices: int | None = None,
+                        segmenters: Mapping | None = None,
                         ct_windows: Mapping[str, Sequence[float]] | None = None) -> list[dict]:
-    """Records of LiteMedSAM (`amalgam.baselines.LiteMedSAM`), zero-shot, slice-wise with the ground truth's tight box on each slice.
+    """Records of LiteMedSAM (`amalgam.baselines.LiteMedSAM`), zero-shot, slice-wise with the ground truth's tight box
+    on each slice.
 
-    LiteMedSAM costs seconds per slice on a CPU, so `max_slices` scores only that many slices per structure, evenly spaced over
-    its extent (mode `box@slices`; metrics per 2D slice at the in-plane spacing, averaged), and every model in `segmenters` is
-    scored in box mode on exactly the same slices, so the comparison stays paired. `None` scores whole volumes (mode `box`).
-    `ct_windows`: a CT (level, width) per task where MedSAM's soft-tissue default does not suit it (e.g. lung)."""
+    LiteMedSAM costs seconds per slice on a CPU, so `max_slices` scores only that many slices per structure, evenly
+    spaced over its extent (mode `box@slices`; metrics per 2D slice at the in-plane spacing, averaged), and every model
+    in `segmenters` is scored in box mode on exactly the same slices, so the comparison stays paired. `None` scores
+    whole volumes (mode `box`). `ct_windows`: a CT (level, width) per task where MedSAM's soft-tissue default does not
+    suit it (e.g. lung)."""
     out, mode = [], "box" if max_slices is None else "box@slices"
     for case in _cases(dataset, None):
         t, label = case["task"], case["label"][0].numpy()
@@ -304,26 +336,33 @@ def evaluate_litemedsam(model, dataset: MultiTaskDataset, labels: Mapping[str, M
             gt = label == value
             boxes = slice_boxes(gt)
             if max_slices is None:
-                out.append(_record("LiteMedSAM", mode, t, cls, case, model.segment_volume(image, boxes, modalities[t], **window), gt, nsd_tolerance_mm))
+                out.append(_record("LiteMedSAM", mode, t, cls, case,
+                                   model.segment_volume(image, boxes, modalities[t], **window), gt, nsd_tolerance_mm))
                 continue
             zs = sorted(boxes)
-            zs = sorted({zs[int(round(q))] for q in np.linspace(0, len(zs) - 1, min(max_slices, len(zs)))}) if zs else []
-            preds = {"LiteMedSAM": {z: model.segment_slice(image[0, z], xyxy_from_rowcol(boxes[z]), modalities[t], **window) for z in zs}}
+            zs = (sorted({zs[int(round(q))] for q in np.linspace(0, len(zs) - 1, min(max_slices, len(zs)))})
+                  if zs else [])
+            preds = {"LiteMedSAM": {z: model.segment_slice(image[0, z], xyxy_from_rowcol(boxes[z]), modalities[t],
+                                                           **window) for z in zs}}
             for name, seg in (segmenters or {}).items():
                 full = prompted_segmentation(seg, case["image"], gt, "box", f"{t}:{cls}")
                 preds[name] = {z: full[z] for z in zs}
             for name, p in preds.items():
                 per = [case_metrics(p[z], gt[z], case["spacing"][1:], nsd_tolerance_mm=nsd_tolerance_mm) for z in zs]
-                agg = {k: float(np.nanmean([m[k] for m in per])) if per else float("nan") for k in ("dice", "hd95", "nsd")}
-                out.append({"method": name, "mode": mode, "task": t, "class": cls, "case_id": case["case_id"], "slices": zs, **agg})
+                agg = {k: float(np.nanmean([m[k] for m in per])) if per else float("nan")
+                       for k in ("dice", "hd95", "nsd")}
+                out.append({"method": name, "mode": mode, "task": t, "class": cls, "case_id": case["case_id"],
+                            "slices": zs, **agg})
     return out
 
 # %% ../nbs/17_experiments.ipynb
 def paired_comparison(records: Sequence[dict], a: tuple[str, str], b: tuple[str, str], metric: str = "dice",
                       n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    "Per task: method/mode `a` minus `b` on the (case, class) pairs both have; mean difference with its bootstrap CI and a verdict."
+    """Per task: method/mode `a` minus `b` on the (case, class) pairs both have; mean difference with its bootstrap CI
+    and a verdict."""
     from amalgam.metrics import bootstrap_ci
-    index = lambda m: {(r["task"], r["case_id"], r["class"]): r[metric] for r in records if (r["method"], r["mode"]) == m}
+    index = lambda m: {(r["task"], r["case_id"], r["class"]): r[metric] for r in records
+                       if (r["method"], r["mode"]) == m}
     ra, rb = index(a), index(b)
     rows = []
     for task in sorted({k[0] for k in ra} & {k[0] for k in rb}):
@@ -332,7 +371,8 @@ def paired_comparison(records: Sequence[dict], a: tuple[str, str], b: tuple[str,
         ci = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
         verdict = "better" if ci["lo"] > 0 else "worse" if ci["hi"] < 0 else "not distinguishable"
         rows.append({"task": task, "a": " ".join(a), "b": " ".join(b), "metric": metric, "n": len(keys),
-                     "mean_a": float(np.nanmean([ra[k] for k in keys])), "mean_b": float(np.nanmean([rb[k] for k in keys])),
+                     "mean_a": float(np.nanmean([ra[k] for k in keys])),
+                     "mean_b": float(np.nanmean([rb[k] for k in keys])),
                      "diff": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "verdict": verdict})
     return rows
 
@@ -353,7 +393,8 @@ def claim_verdicts(records: Sequence[dict], n_boot: int = 2000, seed: int = 0, m
                   "tasks": table(q2, lambda r: r["verdict"] == "better")}}
     out["Q1"]["holds"] = all(t["pass"] for t in out["Q1"]["tasks"].values()) if q1 else None
     out["Q2"]["holds"] = sum(t["pass"] for t in out["Q2"]["tasks"].values()) >= q2_tasks if q2 else None
-    index = lambda m: {(r["task"], r["case_id"], r["class"]): r["dice"] for r in records if (r["method"], r["mode"]) == m}
+    index = lambda m: {(r["task"], r["case_id"], r["class"]): r["dice"] for r in records
+                       if (r["method"], r["mode"]) == m}
     ka, base = index(("ka2er", "auto")), index(("baseline", "auto"))
     diffs = {r["task"]: [ka[k] - base[k] for k in sorted(ka) if k in base and k[0] == r["task"]] for r in q1b}
     pooled = stratified_bootstrap_ci(diffs, n_boot=n_boot, seed=seed) if diffs else None
@@ -365,17 +406,20 @@ def claim_verdicts(records: Sequence[dict], n_boot: int = 2000, seed: int = 0, m
 
 # %% ../nbs/17_experiments.ipynb
 def overlay_figure(image2d: np.ndarray, gt2d: np.ndarray, masks: Mapping[str, np.ndarray], title: str = ""):
-    "A plotly figure: the slice in grey, one panel per method with its mask (filled contour) and the ground truth's outline."
+    """A plotly figure: the slice in grey, one panel per method with its mask (filled contour) and the ground truth's
+    outline."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     names = list(masks)
     fig = make_subplots(1, len(names), subplot_titles=names, horizontal_spacing=0.01)
     lo, hi = np.percentile(image2d, [0.5, 99.5])
     for i, n in enumerate(names, start=1):
-        fig.add_trace(go.Heatmap(z=image2d, zmin=lo, zmax=hi, colorscale="gray", showscale=False, hoverinfo="skip"), 1, i)
+        fig.add_trace(go.Heatmap(z=image2d, zmin=lo, zmax=hi, colorscale="gray", showscale=False, hoverinfo="skip"),
+                      1, i)
         fig.add_trace(go.Contour(z=np.asarray(masks[n], float), contours=dict(start=0.5, end=0.5, coloring="none"),
                                  line=dict(color="orange", width=2), showscale=False, hoverinfo="skip", name=n), 1, i)
         fig.add_trace(go.Contour(z=np.asarray(gt2d, float), contours=dict(start=0.5, end=0.5, coloring="none"),
-                                 line=dict(color="lime", width=1, dash="dot"), showscale=False, hoverinfo="skip", name="ground truth"), 1, i)
+                                 line=dict(color="lime", width=1, dash="dot"), showscale=False, hoverinfo="skip",
+                                 name="ground truth"), 1, i)
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False, autorange="reversed", scaleanchor="x")
     return fig.update_layout(title=title, height=300, width=240 * len(names) + 60, showlegend=False)

@@ -25,14 +25,18 @@ def _binary(a, name: str) -> np.ndarray:
     a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a)
     if a.dtype == bool: return a
     if a.size and not np.isin(a, (0, 1)).all():
-        raise AmalgamError(f"{name}: expected a binary mask (bool or 0/1), got values {np.unique(a)[:5].tolist()}...; select one class first (labels == value)")
+        raise AmalgamError(f"{name}: expected a binary mask (bool or 0/1), got values {np.unique(a)[:5].tolist()}...; "
+                           "select one class first (labels == value)")
     return a.astype(bool)
 
 def _check_spacing(spacing, ndim: int) -> list[float]:
     try: sp = [float(s) for s in spacing]
-    except (TypeError, ValueError): raise AmalgamError(f"spacing: expected {ndim} numbers (mm per voxel, tensor axis order), got {spacing!r}") from None
+    except (TypeError, ValueError):
+        raise AmalgamError(f"spacing: expected {ndim} numbers (mm per voxel, tensor axis order), "
+                           f"got {spacing!r}") from None
     if len(sp) != ndim or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise AmalgamError(f"spacing: expected {ndim} positive numbers (mm per voxel, tensor axis order), got {spacing!r}")
+        raise AmalgamError(f"spacing: expected {ndim} positive numbers (mm per voxel, tensor axis order), "
+                           f"got {spacing!r}")
     return sp
 
 def case_metrics(pred,  # bool *spatial (2D or 3D) predicted mask of one class
@@ -45,7 +49,8 @@ def case_metrics(pred,  # bool *spatial (2D or 3D) predicted mask of one class
     if pred.shape != gt.shape: raise AmalgamError(f"pred: shape {pred.shape} differs from gt {gt.shape}")
     if pred.ndim not in (2, 3): raise AmalgamError(f"pred: expected a 2D or 3D mask, got shape {pred.shape}")
     sp = _check_spacing(spacing, pred.ndim)
-    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0): raise AmalgamError(f"nsd_tolerance_mm: expected a number >= 0, got {nsd_tolerance_mm!r}")
+    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
+        raise AmalgamError(f"nsd_tolerance_mm: expected a number >= 0, got {nsd_tolerance_mm!r}")
     has_pred, has_gt = bool(pred.any()), bool(gt.any())
     if not has_pred and not has_gt: return dict(dice=1.0, hd95=0.0, nsd=1.0)
     if has_pred != has_gt: return dict(dice=0.0, hd95=float("nan"), nsd=0.0)
@@ -54,7 +59,8 @@ def case_metrics(pred,  # bool *spatial (2D or 3D) predicted mask of one class
         warnings.simplefilter("ignore", FutureWarning)  # MONAI passes a deprecated argument to itself
         dice = compute_dice(p, g, include_background=True, ignore_empty=False)
         hd95 = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=sp)
-        nsd = compute_surface_dice(p, g, class_thresholds=[float(nsd_tolerance_mm)], include_background=True, spacing=sp)
+        nsd = compute_surface_dice(p, g, class_thresholds=[float(nsd_tolerance_mm)], include_background=True,
+                                   spacing=sp)
     return dict(dice=float(dice), hd95=float(hd95), nsd=float(nsd))
 
 # %% ../nbs/13_metrics.ipynb
@@ -65,15 +71,19 @@ def class_metrics(pred_labels,  # int *spatial predicted label map
                   nsd_tolerance_mm: float = 2.0) -> dict[str, dict]:
     "`case_metrics` of each class of two label maps: `{class name: {'dice', 'hd95', 'nsd'}}`."
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
-    if pred_labels.shape != gt_labels.shape: raise AmalgamError(f"pred_labels: shape {pred_labels.shape} differs from gt_labels {gt_labels.shape}")
+    if pred_labels.shape != gt_labels.shape:
+        raise AmalgamError(f"pred_labels: shape {pred_labels.shape} differs from gt_labels {gt_labels.shape}")
     if not classes: raise AmalgamError("classes: empty; give {class name: label value}")
-    return {name: case_metrics(pred_labels == v, gt_labels == v, spacing, nsd_tolerance_mm) for name, v in classes.items()}
+    return {name: case_metrics(pred_labels == v, gt_labels == v, spacing, nsd_tolerance_mm)
+            for name, v in classes.items()}
 
 # %% ../nbs/13_metrics.ipynb
 def _bootstrap(values, n_boot: int, alpha: float, gen: np.random.Generator) -> dict:
     v = np.asarray([np.nan if x is None else x for x in np.ravel(np.asarray(values, dtype=object))], dtype=float)
-    if np.isinf(v).any(): raise AmalgamError("values: infinite entries; use nan for undefined values (they are counted, not averaged)")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1): raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
+    if np.isinf(v).any():
+        raise AmalgamError("values: infinite entries; use nan for undefined values (they are counted, not averaged)")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
+        raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
     if not 0 < alpha < 1: raise AmalgamError(f"alpha: expected a number in (0, 1), got {alpha!r}")
     finite = v[~np.isnan(v)]
     n, n_nan = int(finite.size), int(v.size - finite.size)
@@ -84,7 +94,8 @@ def _bootstrap(values, n_boot: int, alpha: float, gen: np.random.Generator) -> d
 
 def bootstrap_ci(values: Sequence[float],  # one value per case (nan or None: undefined, counted in n_nan)
                  n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
-    "Mean and percentile-bootstrap `1 - alpha` CI over cases: `{'mean', 'lo', 'hi', 'n', 'n_nan'}` (`n` counts the non-nan cases)."
+    """Mean and percentile-bootstrap `1 - alpha` CI over cases: `{'mean', 'lo', 'hi', 'n', 'n_nan'}` (`n` counts the
+    non-nan cases)."""
     return _bootstrap(values, n_boot, alpha, rng(seed, "bootstrap"))
 
 # %% ../nbs/13_metrics.ipynb
@@ -97,7 +108,8 @@ def stratified_bootstrap_ci(groups: Mapping[str, Sequence[float]],  # group (tas
     values = {g: v[~np.isnan(v)] for g, v in values.items()}
     empty = sorted(g for g, v in values.items() if not v.size)
     if empty or not values: raise AmalgamError(f"stratified_bootstrap_ci: groups {empty or 'none'} have no values")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1): raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
+        raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
     reps = np.mean([v[gen.integers(0, v.size, size=(n_boot, v.size))].mean(1) for v in values.values()], axis=0)
     lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
     return dict(mean=float(np.mean([v.mean() for v in values.values()])), lo=float(lo), hi=float(hi),
@@ -105,10 +117,12 @@ def stratified_bootstrap_ci(groups: Mapping[str, Sequence[float]],  # group (tas
 
 # %% ../nbs/13_metrics.ipynb
 def summarize(records: Sequence[Mapping],  # one dict per case and class, with the `by` keys and the metric values
-              by: Sequence[str] = ("method", "mode", "task", "class"),  # grouping keys (groups keep their first-seen order)
+              # grouping keys (groups keep their first-seen order)
+              by: Sequence[str] = ("method", "mode", "task", "class"),
               metrics: Sequence[str] = ("dice", "hd95", "nsd"),
               seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> list[dict]:
-    "One row per group: the `by` values, `n` (records), `ci_level`, and per metric `<m>_mean`, `<m>_lo`, `<m>_hi`, `<m>_n`, `<m>_n_nan`."
+    """One row per group: the `by` values, `n` (records), `ci_level`, and per metric `<m>_mean`, `<m>_lo`, `<m>_hi`,
+    `<m>_n`, `<m>_n_nan`."""
     if not records: raise AmalgamError("records: empty; nothing to summarise")
     groups: dict[tuple, list[Mapping]] = {}
     for i, r in enumerate(records):
@@ -120,7 +134,8 @@ def summarize(records: Sequence[Mapping],  # one dict per case and class, with t
         row = {**dict(zip(by, key)), "n": len(rs), "ci_level": 1 - alpha}
         for m in metrics:
             try: values = [np.nan if r[m] is None else float(r[m]) for r in rs]
-            except (TypeError, ValueError): raise AmalgamError(f"records: metric {m!r} of group {key} has a non-numeric value") from None
+            except (TypeError, ValueError):
+                raise AmalgamError(f"records: metric {m!r} of group {key} has a non-numeric value") from None
             ci = _bootstrap(values, n_boot, alpha, rng(seed, "bootstrap", *map(str, key), m))
             row.update({f"{m}_{k}": v for k, v in ci.items()})
         rows.append(row)
@@ -136,23 +151,29 @@ def _class_label(row: Mapping) -> str:
 def _require(summary: Sequence[Mapping], metric: str) -> None:
     "Fail unless `summary` has rows with the `metric` columns."
     if not summary: raise AmalgamError("summary: empty")
-    if f"{metric}_mean" not in summary[0]: raise AmalgamError(f"summary: no {metric!r} columns (has {sorted(summary[0])}); summarize(..., metrics=[{metric!r}]) first")
+    if f"{metric}_mean" not in summary[0]:
+        raise AmalgamError(f"summary: no {metric!r} columns (has {sorted(summary[0])}); "
+                           f"summarize(..., metrics=[{metric!r}]) first")
 
 def per_class_table(summary: Sequence[Mapping], metric: str = "dice", digits: int = 3) -> list[dict]:
-    "Rows `{'class', ['mode'], <method>: 'mean [lo, hi]', ...}` from a `summarize` output grouped by method (and task/class/mode)."
+    """Rows `{'class', ['mode'], <method>: 'mean [lo, hi]', ...}` from a `summarize` output grouped by method (and
+    task/class/mode)."""
     _require(summary, metric)
     table: dict[tuple, dict] = {}
     for r in summary:
         key = (_class_label(r), r.get("mode"))
         row = table.setdefault(key, {"class": key[0], **({"mode": key[1]} if key[1] is not None else {})})
         mean, lo, hi = (r[f"{metric}_{k}"] for k in ("mean", "lo", "hi"))
-        row[str(r.get("method", "method"))] = "n/a" if math.isnan(mean) else f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        row[str(r.get("method", "method"))] = ("n/a" if math.isnan(mean)
+                                               else f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
     return list(table.values())
 
 # %% ../nbs/13_metrics.ipynb
-def dice_ci_figure(summary: Sequence[Mapping],  # `summarize` rows (grouped by method and task, optionally class and mode)
-                   metric: str = "dice") -> "go.Figure":
-    "Grouped bars of `<metric>_mean` per task/class, one colour per method (per method and mode when there are several modes), CI error bars."
+def dice_ci_figure(
+        summary: Sequence[Mapping],  # `summarize` rows (grouped by method and task, optionally class and mode)
+        metric: str = "dice") -> "go.Figure":
+    """Grouped bars of `<metric>_mean` per task/class, one colour per method (per method and mode when there are several
+    modes), CI error bars."""
     import plotly.graph_objects as go  # plotly is an extra (notebooks, widgets); the metrics themselves do not need it
     _require(summary, metric)
     several_modes = len({r.get("mode") for r in summary}) > 1
@@ -161,7 +182,8 @@ def dice_ci_figure(summary: Sequence[Mapping],  # `summarize` rows (grouped by m
         name = str(r.get("method", metric)) + (f" ({r.get('mode')})" if several_modes else "")
         x = _class_label(r)
         if x in traces.setdefault(name, {}):
-            raise AmalgamError(f"summary: several rows for {name!r} at {x!r}; summarize by method, mode, task and class only")
+            raise AmalgamError(f"summary: several rows for {name!r} at {x!r}; "
+                               "summarize by method, mode, task and class only")
         traces[name][x] = r
     fig = go.Figure()
     for name, pts in traces.items():
@@ -172,10 +194,13 @@ def dice_ci_figure(summary: Sequence[Mapping],  # `summarize` rows (grouped by m
                                  array=np.array([r[f"{metric}_hi"] for r in rows], dtype=float) - mean,
                                  arrayminus=mean - np.array([r[f"{metric}_lo"] for r in rows], dtype=float)),
                     customdata=[[r[f"{metric}_n"], r[f"{metric}_n_nan"]] for r in rows],
-                    hovertemplate="%{x}: %{y:.3f}<br>n=%{customdata[0]} (nan: %{customdata[1]})<extra>" + name + "</extra>")
+                    hovertemplate="%{x}: %{y:.3f}<br>n=%{customdata[0]} (nan: %{customdata[1]})<extra>" + name
+                                  + "</extra>")
     level = summary[0].get("ci_level")
     unit = " (mm)" if metric.startswith("hd") else ""
-    fig.update_layout(barmode="group", title=f"{metric}: mean with {f'{level:.0%} ' if level else ''}bootstrap CI over cases",
-                      yaxis_title=metric + unit, xaxis_title="task:class", legend_title="method", template="plotly_white")
+    fig.update_layout(barmode="group",
+                      title=f"{metric}: mean with {f'{level:.0%} ' if level else ''}bootstrap CI over cases",
+                      yaxis_title=metric + unit, xaxis_title="task:class", legend_title="method",
+                      template="plotly_white")
     if metric in ("dice", "nsd"): fig.update_yaxes(range=[0, 1.05])
     return fig

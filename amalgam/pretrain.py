@@ -28,15 +28,19 @@ from .model import zscore
 __all__ = ['random_patch_mask', 'MaskedInpainter', 'masked_l1', 'swinvit_checkpoint', 'warmup_decay', 'pretrain_foundation']
 
 # %% ../nbs/10_pretrain.ipynb
-def random_patch_mask(batch: int, spatial: Sequence[int], mask_patch: int, mask_ratio: float, generator: np.random.Generator) -> Tensor:
-    "A bool `batch x 1 x *spatial` mask made of `mask_patch`-sized cells, `round(mask_ratio * cells)` of them masked per image."
+def random_patch_mask(batch: int, spatial: Sequence[int], mask_patch: int, mask_ratio: float,
+                      generator: np.random.Generator) -> Tensor:
+    """A bool `batch x 1 x *spatial` mask made of `mask_patch`-sized cells, `round(mask_ratio * cells)` of them masked
+    per image."""
     spatial = tuple(int(s) for s in spatial)
     if mask_patch < 1 or any(s % mask_patch for s in spatial):
         raise AmalgamError(f"mask_patch {mask_patch}: must divide every spatial size {spatial}")
     if not 0 < mask_ratio < 1: raise AmalgamError(f"mask_ratio: expected a number in (0, 1), got {mask_ratio!r}")
     grid = tuple(s // mask_patch for s in spatial)
     n = math.prod(grid)
-    if n < 2: raise AmalgamError(f"mask_patch {mask_patch}: spatial size {spatial} holds a single cell; use a smaller mask_patch")
+    if n < 2:
+        raise AmalgamError(f"mask_patch {mask_patch}: spatial size {spatial} holds a single cell; "
+                           "use a smaller mask_patch")
     k = min(max(round(mask_ratio * n), 1), n - 1)
     cells = np.zeros((batch, n), dtype=bool)
     for b in range(batch): cells[b, generator.permutation(n)[:k]] = True
@@ -46,25 +50,32 @@ def random_patch_mask(batch: int, spatial: Sequence[int], mask_patch: int, mask_
 
 # %% ../nbs/10_pretrain.ipynb
 class MaskedInpainter(nn.Module):
-    "SimMIM-style pretext model around a `Foundation`: its Swin-ViT reads the masked image, a light head reconstructs every voxel."
+    """SimMIM-style pretext model around a `Foundation`: its Swin-ViT reads the masked image, a light head reconstructs
+    every voxel."""
     def __init__(self,
                  foundation: Foundation,  # the encoder being pretrained (only its `swinViT` is used and saved)
                  head_strides: Sequence[int] = (8, 16, 32)):  # Swin stages the reconstruction head reads
         super().__init__()
         d, c = foundation.spatial_dims, foundation.in_channels
-        swin_strides = {2 ** (i + 1): foundation.feature_size * 2 ** i for i in range(5)}  # hidden state i of the Swin-ViT: stride 2^(i+1)
+        # hidden state i of the Swin-ViT: stride 2^(i+1)
+        swin_strides = {2 ** (i + 1): foundation.feature_size * 2 ** i for i in range(5)}
         bad = [s for s in head_strides if s not in swin_strides]
-        if bad or not head_strides: raise AmalgamError(f"head_strides: {tuple(head_strides)} must be taken from the Swin-ViT strides {tuple(swin_strides)}")
+        if bad or not head_strides:
+            raise AmalgamError(f"head_strides: {tuple(head_strides)} must be taken from the Swin-ViT strides "
+                               f"{tuple(swin_strides)}")
         self.foundation, self.head_strides = foundation, tuple(sorted(head_strides))
         self.out_stride = self.head_strides[0]
         self.mask_token = nn.Parameter(torch.zeros(1, c, *(1,) * d))
         conv = nn.Conv2d if d == 2 else nn.Conv3d
-        self.heads = nn.ModuleList(conv(swin_strides[s], c * self.out_stride ** d, kernel_size=1) for s in self.head_strides)
+        self.heads = nn.ModuleList(conv(swin_strides[s], c * self.out_stride ** d, kernel_size=1)
+                                   for s in self.head_strides)
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
-        "Reconstruct `image` (`B x C x *spatial`, z-scored) from its unmasked voxels; `mask` is bool `B x 1 x *spatial`."
+        """Reconstruct `image` (`B x C x *spatial`, z-scored) from its unmasked voxels; `mask` is bool
+        `B x 1 x *spatial`."""
         self.foundation.check_input(image)
-        if mask.shape != (image.shape[0], 1, *image.shape[2:]): raise AmalgamError(f"mask: expected shape {(image.shape[0], 1, *image.shape[2:])}, got {tuple(mask.shape)}")
+        if mask.shape != (image.shape[0], 1, *image.shape[2:]):
+            raise AmalgamError(f"mask: expected shape {(image.shape[0], 1, *image.shape[2:])}, got {tuple(mask.shape)}")
         hidden = self.foundation.swinViT(torch.where(mask, self.mask_token, image), normalize=True)
         grid = [s // self.out_stride for s in image.shape[2:]]
         out = sum(F.interpolate(head(hidden[int(math.log2(s)) - 1]), size=grid, mode="nearest")
@@ -79,21 +90,23 @@ def masked_l1(reconstruction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 # %% ../nbs/10_pretrain.ipynb
 def swinvit_checkpoint(foundation: Foundation) -> dict:
     "The foundation's Swin-ViT weights as `{'state_dict': ...}` in the public `model_swinvit.pt` key format."
-    return {"state_dict": {"module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v.detach().cpu().clone()
-                           for k, v in foundation.swinViT.state_dict().items()}}
+    return {"state_dict": {"module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."):
+                           v.detach().cpu().clone() for k, v in foundation.swinViT.state_dict().items()}}
 
 # %% ../nbs/10_pretrain.ipynb
 def warmup_decay(step: int, steps: int, warmup: int, min_ratio: float = 0.01, schedule: str = "cosine",
                  poly_power: float = 0.9) -> float:
     """The learning-rate multiplier at optimizer step `step` (0-based) of `steps`: linear warm-up over `warmup` steps,
-    then cosine (or `"poly"`) decay that reaches `min_ratio` at the last step. Pretraining and `amalgam.train` share it."""
+    then cosine (or `"poly"`) decay that reaches `min_ratio` at the last step. Pretraining and `amalgam.train` share
+    it."""
     if step < warmup: return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else (1 - progress) ** poly_power
     return min_ratio + (1 - min_ratio) * decay
 
 def pretrain_foundation(out_path: str | os.PathLike,
-                        manifests: Sequence[Manifest | str | os.PathLike],  # every task's manifest (their train splits are used)
+                        # every task's manifest (their train splits are used)
+                        manifests: Sequence[Manifest | str | os.PathLike],
                         data_config: DataConfig,  # patch size, batch size, augmentation; its seed is replaced by `seed`
                         spatial_dims: int,  # 2 or 3 (must equal data_config.spatial_dims)
                         feature_size: int,  # SwinUNETR feature size of the foundation the checkpoint is for
@@ -106,12 +119,15 @@ def pretrain_foundation(out_path: str | os.PathLike,
                         mask_patch: int = 16,  # mask cell edge in voxels (must divide the patch size)
                         window_size: int = 7,  # Swin window edge, as KA2ERConfig.swin_window_size
                         weight_decay: float = 0.05,
-                        root: str | os.PathLike | None = None,  # nnU-Net raw folder the manifests are materialised in (default $nnUNet_raw)
+                        # nnU-Net raw folder the manifests are materialised in (default $nnUNet_raw)
+                        root: str | os.PathLike | None = None,
                         ) -> Path:
-    "Pretrain a foundation's Swin-ViT by masked-image inpainting on the train split of `manifests`; writes `out_path` (public `model_swinvit.pt` format) and its loss curve; returns `out_path`."
+    """Pretrain a foundation's Swin-ViT by masked-image inpainting on the train split of `manifests`; writes `out_path`
+    (public `model_swinvit.pt` format) and its loss curve; returns `out_path`."""
     out_path = Path(out_path)
     if spatial_dims != data_config.spatial_dims:
-        raise AmalgamError(f"spatial_dims {spatial_dims} differs from data_config.spatial_dims {data_config.spatial_dims}")
+        raise AmalgamError(f"spatial_dims {spatial_dims} differs from data_config.spatial_dims "
+                           f"{data_config.spatial_dims}")
     if not isinstance(steps, int) or steps < 1: raise AmalgamError(f"steps: expected a positive integer, got {steps!r}")
     if not lr > 0: raise AmalgamError(f"lr: expected a positive number, got {lr!r}")
     if any(p % mask_patch for p in data_config.patch_size):
@@ -137,9 +153,11 @@ def pretrain_foundation(out_path: str | os.PathLike,
         bar = tqdm(bar, desc="pretrain foundation")
     for step in bar:
         image = zscore(stream.batch(step).image.to(device))
-        mask = random_patch_mask(image.shape[0], image.shape[2:], mask_patch, mask_ratio, rng(seed, "mask", step)).to(device)
+        mask = random_patch_mask(image.shape[0], image.shape[2:], mask_patch, mask_ratio,
+                                 rng(seed, "mask", step)).to(device)
         loss = masked_l1(net(image, mask), image, mask)
-        if not torch.isfinite(loss): raise AmalgamError(f"pretrain_foundation: loss became {loss.item()} at step {step}; lower lr (now {lr})")
+        if not torch.isfinite(loss):
+            raise AmalgamError(f"pretrain_foundation: loss became {loss.item()} at step {step}; lower lr (now {lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -147,12 +165,14 @@ def pretrain_foundation(out_path: str | os.PathLike,
         opt.step(); sched.step()
         losses.append(loss.item())
         if progress: bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    params = dict(spatial_dims=spatial_dims, in_channels=in_channels, feature_size=feature_size, window_size=window_size, steps=steps, lr=lr,
-                  weight_decay=weight_decay, mask_ratio=mask_ratio, mask_patch=mask_patch, head_strides=list(net.head_strides), seed=seed,
-                  data=config.to_dict(), tasks=dataset.tasks, train_cases=len(dataset))
+    params = dict(spatial_dims=spatial_dims, in_channels=in_channels, feature_size=feature_size,
+                  window_size=window_size, steps=steps, lr=lr, weight_decay=weight_decay, mask_ratio=mask_ratio,
+                  mask_patch=mask_patch, head_strides=list(net.head_strides), seed=seed, data=config.to_dict(),
+                  tasks=dataset.tasks, train_cases=len(dataset))
     with atomic_path(out_path) as tmp:
         torch.save(swinvit_checkpoint(foundation), tmp)
         load_pretrained(Foundation(spatial_dims, in_channels, feature_size, window_size=window_size), tmp)
-    write_json(out_path.with_suffix(".json"), {"checkpoint": out_path.name, "loss": losses, "lr": lrs, "seconds": time.perf_counter() - start,
-                                               **provenance(params, [m.path for m in dataset.manifests if m.path is not None])})
+    write_json(out_path.with_suffix(".json"),
+               {"checkpoint": out_path.name, "loss": losses, "lr": lrs, "seconds": time.perf_counter() - start,
+                **provenance(params, [m.path for m in dataset.manifests if m.path is not None])})
     return out_path

@@ -23,10 +23,12 @@ __all__ = ['PromptState', 'save_mask', 'PromptSegmenter']
 
 # %% ../nbs/16_widgets.ipynb
 class PromptState:
-    "Points (voxel coordinates, label 1 positive / 0 negative), at most one box (inclusive corners) and an automatic-mode task placed on a 3D volume of spatial `shape`, with an undo history of the prompts."
+    """Points (voxel coordinates, label 1 positive / 0 negative), at most one box (inclusive corners) and an
+    automatic-mode task placed on a 3D volume of spatial `shape`, with an undo history of the prompts."""
     def __init__(self, shape: Sequence[int]):
         shape = tuple(int(s) for s in shape)
-        if len(shape) != 3 or min(shape) < 1: raise AmalgamError(f"shape {shape}: expected the 3 positive spatial sizes of a volume")
+        if len(shape) != 3 or min(shape) < 1:
+            raise AmalgamError(f"shape {shape}: expected the 3 positive spatial sizes of a volume")
         self.shape = shape
         self.points: list[tuple[int, int, int]] = []
         self.labels: list[int] = []
@@ -36,7 +38,8 @@ class PromptState:
 
     def _check_axis(self, axis: int, index: int) -> None:
         if axis not in (0, 1, 2): raise AmalgamError(f"axis {axis!r}: must be 0, 1 or 2")
-        if not 0 <= index < self.shape[axis]: raise AmalgamError(f"slice {index} on axis {axis}: outside 0..{self.shape[axis] - 1}")
+        if not 0 <= index < self.shape[axis]:
+            raise AmalgamError(f"slice {index} on axis {axis}: outside 0..{self.shape[axis] - 1}")
 
     def slice_shape(self, axis: int) -> tuple[int, int]:
         "(rows, columns) of a slice along `axis`."
@@ -44,7 +47,8 @@ class PromptState:
         return tuple(s for i, s in enumerate(self.shape) if i != axis)
 
     def slice_to_volume(self, axis: int, index: int, row: float, col: float) -> tuple[int, int, int]:
-        "The voxel under pixel (`row`, `col`) of slice `index` along `axis`; fractional pixel positions (a click) go to the nearest pixel."
+        """The voxel under pixel (`row`, `col`) of slice `index` along `axis`; fractional pixel positions (a click) go
+        to the nearest pixel."""
         self._check_axis(axis, index)
         r, c = int(round(float(row))), int(round(float(col)))
         rows, cols = self.slice_shape(axis)
@@ -74,11 +78,14 @@ class PromptState:
         return voxel
 
     def set_box(self, axis: int, index: int, corner: Sequence[float], other: Sequence[float], depth: int = 0):
-        "Set the box dragged from pixel `corner` to pixel `other` (each (row, col)) on slice `index` along `axis`, spanning `depth` slices on either side of it (clipped to the volume; corners outside the slice are clipped too). Returns (min voxel, max voxel)."
+        """Set the box dragged from pixel `corner` to pixel `other` (each (row, col)) on slice `index` along `axis`,
+        spanning `depth` slices on either side of it (clipped to the volume; corners outside the slice are clipped too).
+        Returns (min voxel, max voxel)."""
         self._check_axis(axis, index)
         if int(depth) < 0: raise AmalgamError(f"depth {depth}: must be >= 0")
         rows, cols = self.slice_shape(axis)
-        (r0, c0), (r1, c1) = ([min(max(int(round(float(v))), 0), n - 1) for v, n in zip(p, (rows, cols))] for p in (corner, other))
+        (r0, c0), (r1, c1) = ([min(max(int(round(float(v))), 0), n - 1) for v, n in zip(p, (rows, cols))]
+                              for p in (corner, other))
         lo, hi = [min(r0, r1), min(c0, c1)], [max(r0, r1), max(c0, c1)]
         lo.insert(axis, max(index - int(depth), 0))
         hi.insert(axis, min(index + int(depth), self.shape[axis] - 1))
@@ -107,14 +114,16 @@ class PromptState:
         return [(*self.volume_to_slice(axis, p)[1:], l) for p, l in zip(self.points, self.labels) if p[axis] == index]
 
     def box_on_slice(self, axis: int, index: int) -> tuple[int, int, int, int] | None:
-        "(row min, column min, row max, column max) of the box's cut through slice `index` along `axis`, `None` where it does not reach it."
+        """(row min, column min, row max, column max) of the box's cut through slice `index` along `axis`, `None` where
+        it does not reach it."""
         self._check_axis(axis, index)
         if self.box is None or not self.box[0][axis] <= index <= self.box[1][axis]: return None
         (r0, c0), (r1, c1) = ([v for i, v in enumerate(c) if i != axis] for c in self.box)
         return r0, c0, r1, c1
 
     def segment_kwargs(self) -> dict:
-        "Keyword arguments for `Segmenter.segment`: `points` (N x 3 float32), `point_labels` (N int64), `box` (2 x 3 float32) and `task`, `None` where not set."
+        """Keyword arguments for `Segmenter.segment`: `points` (N x 3 float32), `point_labels` (N int64), `box` (2 x 3
+        float32) and `task`, `None` where not set."""
         if self.empty and self.task is None:
             raise AmalgamError("prompts: none placed; click a point, drag a box, or choose a task for automatic mode")
         has_points = bool(self.points)
@@ -130,7 +139,8 @@ class PromptState:
 
 # %% ../nbs/16_widgets.ipynb
 def save_mask(mask: np.ndarray, path: str | os.PathLike, affine: np.ndarray | None = None) -> Path:
-    "Write `mask` (`*spatial` in tensor axis order; `affine` maps its voxel indices to world mm, identity if `None`) atomically as a uint8 NIfTI in nibabel's axis order."
+    """Write `mask` (`*spatial` in tensor axis order; `affine` maps its voxel indices to world mm, identity if `None`)
+    atomically as a uint8 NIfTI in nibabel's axis order."""
     mask = np.asarray(mask)
     if mask.ndim != 3: raise AmalgamError(f"mask: expected a 3D array, got shape {mask.shape}")
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
@@ -140,7 +150,8 @@ def save_mask(mask: np.ndarray, path: str | os.PathLike, affine: np.ndarray | No
     img = nib.Nifti1Image(np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0)), tensor_affine(affine))
     img.set_qform(img.affine, code=1); img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    with atomic_path(path) as tmp: nib.save(img, tmp)  # the temporary name keeps the suffix nibabel picks compression by
+    # the temporary name keeps the suffix nibabel picks compression by
+    with atomic_path(path) as tmp: nib.save(img, tmp)
     return path
 
 # %% ../nbs/16_widgets.ipynb
@@ -149,7 +160,8 @@ _MASK_COLOR = "rgba(255,40,40,0.45)"
 
 def _as_volume(image) -> np.ndarray:
     a = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if a.ndim != 4: raise AmalgamError(f"image: expected C x D x H x W (channels first, tensor axis order), got shape {a.shape}")
+    if a.ndim != 4:
+        raise AmalgamError(f"image: expected C x D x H x W (channels first, tensor axis order), got shape {a.shape}")
     return a.astype(np.float32, copy=False)
 
 def _window(image: np.ndarray) -> tuple[float, float, float, float]:
@@ -159,12 +171,14 @@ def _window(image: np.ndarray) -> tuple[float, float, float, float]:
     return (lo + hi) / 2, hi - lo, vmin, max(vmax, vmin + 1.0)
 
 class PromptSegmenter:
-    "Interactive prompting of `segmenter` (an `amalgam.infer.Segmenter`) on `image` (C x *spatial, tensor axis order; `affine` maps its voxels to world mm). Display `.widget`."
+    """Interactive prompting of `segmenter` (an `amalgam.infer.Segmenter`) on `image` (C x *spatial, tensor axis order;
+    `affine` maps its voxels to world mm). Display `.widget`."""
     def __init__(self, segmenter, image, affine: np.ndarray | None = None, axis: int = 0, index: int | None = None,
                  mask_path: str | os.PathLike = "mask.nii.gz", size: int = 520):
         self.segmenter, self.image = segmenter, _as_volume(image)
         self.affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-        if self.affine.shape != (4, 4): raise AmalgamError(f"affine: expected a 4 x 4 matrix, got shape {self.affine.shape}")
+        if self.affine.shape != (4, 4):
+            raise AmalgamError(f"affine: expected a 4 x 4 matrix, got shape {self.affine.shape}")
         self.state = PromptState(self.image.shape[1:])
         self.result = None
         self.message = ""
@@ -178,15 +192,19 @@ class PromptSegmenter:
         self.axis_buttons = W.ToggleButtons(options=[("0", 0), ("1", 1), ("2", 2)], value=self.axis, description="axis",
                                             tooltips=["slices along the first spatial axis", "second", "third"],
                                             style=dict(button_width="36px"))
-        self.slice_slider = W.IntSlider(value=self.index, min=0, max=self.state.shape[self.axis] - 1, description="slice", continuous_update=False)
+        self.slice_slider = W.IntSlider(value=self.index, min=0, max=self.state.shape[self.axis] - 1,
+                                        description="slice", continuous_update=False)
         self.channel = W.Dropdown(options=list(range(self.image.shape[0])), value=0, description="channel")
         self.level = W.FloatSlider(description="level", continuous_update=False)
         self.width = W.FloatSlider(description="window", continuous_update=False)
-        self.mode = W.ToggleButtons(options=_MODES, value=_MODES[0], description="mouse", style=dict(button_width="120px"))
-        self.depth = W.IntSlider(value=0, min=0, max=max(self.state.shape), description="box ± slices", continuous_update=False)
+        self.mode = W.ToggleButtons(options=_MODES, value=_MODES[0], description="mouse",
+                                    style=dict(button_width="120px"))
+        self.depth = W.IntSlider(value=0, min=0, max=max(self.state.shape), description="box ± slices",
+                                 continuous_update=False)
         tasks = getattr(self.segmenter, "tasks", {}) or {}
         names = [f"{t}:{c}" for t, cs in tasks.items() for c in cs]
-        self.task = W.Dropdown(options=[("— (prompts only)", None)] + [(n, n) for n in names], value=None, description="task")
+        self.task = W.Dropdown(options=[("— (prompts only)", None)] + [(n, n) for n in names], value=None,
+                               description="task")
         self.run_button = W.Button(description="run", button_style="primary", icon="play")
         self.undo_button = W.Button(description="undo", icon="undo")
         self.clear_button = W.Button(description="clear", icon="trash")
@@ -199,11 +217,14 @@ class PromptSegmenter:
 
         self.figure = go.FigureWidget(layout=dict(
             width=size, height=size, margin=dict(l=40, r=10, t=10, b=40), dragmode=False, showlegend=False,
-            xaxis=dict(constrain="domain", title="column"), yaxis=dict(constrain="domain", scaleanchor="x", title="row")))
+            xaxis=dict(constrain="domain", title="column"),
+            yaxis=dict(constrain="domain", scaleanchor="x", title="row")))
         self.figure.add_heatmap(name="image", colorscale="gray", showscale=False,
                                 hovertemplate="row %{y}, column %{x}: %{z}<extra></extra>")
         # Background voxels get a fully transparent colour, so only the mask is painted over the image.
-        self.figure.add_heatmap(name="mask", colorscale=[[0, "rgba(0,0,0,0)"], [0.5, "rgba(0,0,0,0)"], [0.5, _MASK_COLOR], [1, _MASK_COLOR]],
+        self.figure.add_heatmap(name="mask",
+                                colorscale=[[0, "rgba(0,0,0,0)"], [0.5, "rgba(0,0,0,0)"], [0.5, _MASK_COLOR],
+                                            [1, _MASK_COLOR]],
                                 showscale=False, hoverinfo="skip")
         for name, color in (("positive", "#2ecc40"), ("negative", "#ff4136")):
             self.figure.add_scatter(name=name, mode="markers", hoverinfo="skip",
@@ -223,8 +244,8 @@ class PromptSegmenter:
         for w in (self.level, self.width, self.show_mask, self.expert): w.observe(lambda ch: self._draw(), "value")
         self.mode.observe(lambda ch: self._set_dragmode(), "value")
         self.task.observe(self._on_task, "value")
-        for button, action in ((self.run_button, self.run), (self.undo_button, self.undo), (self.clear_button, self.clear),
-                               (self.save_button, lambda: self.save(self.path.value))):
+        for button, action in ((self.run_button, self.run), (self.undo_button, self.undo),
+                               (self.clear_button, self.clear), (self.save_button, lambda: self.save(self.path.value))):
             button.on_click(lambda b, action=action: self._guard(action))
         self.widget = W.VBox([
             W.HBox([self.axis_buttons, self.slice_slider, self.channel]),
@@ -265,17 +286,20 @@ class PromptSegmenter:
 
     def _on_click(self, trace, points, state) -> None:
         if not points.point_inds or self.mode.value == "box": return
-        self._guard(lambda: self.add_point(self.axis, self.index, points.ys[0], points.xs[0], self.mode.value == _MODES[0]))
+        self._guard(lambda: self.add_point(self.axis, self.index, points.ys[0], points.xs[0],
+                                           self.mode.value == _MODES[0]))
 
     def _on_selection(self, layout, _) -> None:
         # The callback's own argument can lag behind a relayout from the browser; the layout's plain data does not.
-        rects = [s for s in layout.to_plotly_json().get("selections") or () if s.get("type", "rect") == "rect" and "x0" in s]
+        rects = [s for s in layout.to_plotly_json().get("selections") or ()
+                 if s.get("type", "rect") == "rect" and "x0" in s]
         if not rects: return
         # The box is drawn from the state as a shape, so the drag's outline goes (relayout applies before it notifies).
         self.figure.plotly_relayout({"selections": []})
         if self.mode.value != "box": return
         r = rects[-1]
-        self._guard(lambda: self.set_box(self.axis, self.index, (r["y0"], r["x0"]), (r["y1"], r["x1"]), self.depth.value))
+        self._guard(lambda: self.set_box(self.axis, self.index, (r["y0"], r["x0"]), (r["y1"], r["x1"]),
+                                         self.depth.value))
 
     def _on_task(self, change) -> None:
         self.state.task = change["new"]
@@ -291,13 +315,16 @@ class PromptSegmenter:
             image, mask, pos, neg = self.figure.data
             image.update(z=self._slice(self.image[self.channel.value]), zmin=level - width / 2, zmax=level + width / 2)
             on = self.result is not None and self.show_mask.value
-            # zmin/zmax go with every update: a front end that got them only at creation rescales an all-zero slice to mid-colour.
-            mask.update(z=(self._slice(self.result.mask) > 0).astype(np.float32) if on else np.zeros((rows, cols), np.float32), zmin=0, zmax=1)
+            # zmin/zmax go with every update: a front end that got them only at creation rescales an all-zero slice to
+            # mid-colour.
+            mask.update(z=(self._slice(self.result.mask) > 0).astype(np.float32) if on
+                        else np.zeros((rows, cols), np.float32), zmin=0, zmax=1)
             for trace, label in ((pos, 1), (neg, 0)):
                 pts = [(r, c) for r, c, l in self.state.points_on_slice(self.axis, self.index) if l == label]
                 trace.update(x=[c for _, c in pts], y=[r for r, _ in pts])
             self.figure.layout.shapes = [] if box is None else [dict(
-                type="rect", x0=box[1] - 0.5, x1=box[3] + 0.5, y0=box[0] - 0.5, y1=box[2] + 0.5, line=dict(color="#ffdc00", width=2))]
+                type="rect", x0=box[1] - 0.5, x1=box[3] + 0.5, y0=box[0] - 0.5, y1=box[2] + 0.5,
+                line=dict(color="#ffdc00", width=2))]
             self.figure.layout.xaxis.range = [-0.5, cols - 0.5]
             self.figure.layout.yaxis.range = [rows - 0.5, -0.5]
         weights = getattr(self.result, "expert_weights", None) or {}
@@ -306,7 +333,8 @@ class PromptSegmenter:
         if weights and self.expert.value not in weights: self.expert.value = next(iter(weights))
         with self.weights_figure.batch_update():
             self.weights_figure.data[0].z = self._slice(weights[self.expert.value]) if weights else None
-            self.weights_figure.layout.title.text = f"weight of {self.expert.value}" if weights else "expert weights (after run)"
+            self.weights_figure.layout.title.text = (f"weight of {self.expert.value}" if weights
+                                                     else "expert weights (after run)")
             self.weights_figure.layout.xaxis.range = [-0.5, cols - 0.5]
             self.weights_figure.layout.yaxis.range = [rows - 0.5, -0.5]
         self.readout.value = self.describe(html_format=True)
@@ -319,7 +347,8 @@ class PromptSegmenter:
             ml = n * abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000
             mask = f"mask: {n} voxels ({ml:.2f} mL)"
         last = f"last point (voxel): {self.state.points[-1]}" if self.state.points else "last point (voxel): —"
-        lines = [mask, self.state.describe(), last, f"view: axis {self.axis}, slice {self.index}"] + ([self.message] if self.message else [])
+        lines = ([mask, self.state.describe(), last, f"view: axis {self.axis}, slice {self.index}"]
+                 + ([self.message] if self.message else []))
         if not html_format: return "\n".join(lines)
         return "<br>".join(f'<span class="amalgam-readout-{i}">{html.escape(l)}</span>' for i, l in enumerate(lines))
 
@@ -344,7 +373,8 @@ class PromptSegmenter:
         return voxel
 
     def set_box(self, axis: int, index: int, corner: Sequence[float], other: Sequence[float], depth: int = 0):
-        "Set the box dragged between pixels `corner` and `other` ((row, col)) on slice `index` along `axis`, reaching `depth` slices either side."
+        """Set the box dragged between pixels `corner` and `other` ((row, col)) on slice `index` along `axis`, reaching
+        `depth` slices either side."""
         box = self.state.set_box(axis, index, corner, other, depth)
         self.message = ""
         self._draw()
@@ -373,7 +403,8 @@ class PromptSegmenter:
             self.message = ""
             raise
         if tuple(np.shape(result.mask)) != self.state.shape:
-            raise AmalgamError(f"segmenter returned a mask of shape {np.shape(result.mask)} for a volume of shape {self.state.shape}")
+            raise AmalgamError(f"segmenter returned a mask of shape {np.shape(result.mask)} "
+                               f"for a volume of shape {self.state.shape}")
         self.result, self.message = result, ""
         self._draw()
         return result
