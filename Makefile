@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 export PYTHONHASHSEED ?= 0
 export MPLBACKEND ?= Agg
 
-.PHONY: install browser demo test check-clean nbtest pytest clean
+.PHONY: install browser demo test test-fast check-clean nbtest pytest clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: install
 	$(BIN)/amalgam demo
 
 test: install browser check-clean nbtest pytest
+
+# The inner loop: the notebooks' own tests and every pytest test not marked `slow` (those train models, run nnU-Net,
+# render reports or start a browser). CI and `make test` run everything.
+test-fast: install
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/python -m pytest tests -q -rs -m "not slow" --durations=5
 
 # The widget's browser test drives Debian's Chromium through Playwright (never a downloaded browser).
 browser:

@@ -412,6 +412,12 @@ class BatchStream:
         "Prompt mode of batch `step`."
         return self._modes[int(rng(self.seed, "mode", step).choice(len(self._modes), p=self._mode_p))]
 
+    def clicks_of(self, step: int) -> int:
+        """Clicks per element of a points batch `step`: 1 ... `max_points`, drawn per batch, not per element. A batch
+        of single clicks is the ambiguous prompt SAM's multi-mask head and IoU ranking are trained on (`multimask_for`
+        needs every element of the batch to have one click); drawn per element, nearly no batch ever had one."""
+        return int(rng(self.seed, "clicks", step).integers(1, self.config.max_points + 1))
+
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
         "Batch `step`: elements `rank::world_size` of the global batch of `config.batch_size` elements."
         if not _is_int(step) or step < 0: raise AmalgamError(f"step: expected a non-negative integer, got {step!r}")
@@ -452,7 +458,7 @@ class BatchStream:
         out = dict(task=task, case_id=case.case_id, case_index=index, class_value=int(value),
                    class_name=self._names[task][value], image=image, label=label)
         if mode == "box": out["box"] = box_from_mask(target, cfg.box_jitter, g)
-        elif mode == "points": out["points"], out["point_labels"] = self._points(target, g)
+        elif mode == "points": out["points"], out["point_labels"] = self._points(target, self.clicks_of(step), g)
         return out
 
     def _patch(self, case: _Case, centre: np.ndarray | None, g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -476,10 +482,9 @@ class BatchStream:
         if k: image, label = np.rot90(image, k, axes=(-2, -1)), np.rot90(label, k, axes=(-2, -1))
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
-    def _points(self, target: np.ndarray, g: np.random.Generator) -> tuple[Tensor, Tensor]:
-        "1..max_points clicks, at least one positive, padded to max_points with label -1."
+    def _points(self, target: np.ndarray, n: int, g: np.random.Generator) -> tuple[Tensor, Tensor]:
+        "`n` clicks, at least one positive, padded to max_points with label -1."
         n_max = self.config.max_points
-        n = int(g.integers(1, n_max + 1))
         n_pos = int(g.integers(1, n + 1))
         n_neg = min(n - n_pos, int(target.size - target.sum()))
         pts, lab = sample_points(target, n_pos, n_neg, g)
