@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from amalgam.reports import run_notebook
 
 NB = Path(__file__).resolve().parents[1] / "nbs" / "experiments" / "benchmark.ipynb"
@@ -12,6 +14,7 @@ TINY = {"dims": [2, 3], "sizes_2d": [[64, 64], [64, 128]], "sizes_3d": [[32, 32,
         "repeats": 1, "inference_volume": [32, 64, 64], "inference_patch": 64}
 
 
+@pytest.mark.slow
 def test_benchmark_notebook_measures_every_part(tmp_path):
     out = tmp_path / "benchmark"
     run_notebook(NB, out, {**TINY, "demo_reports": str(tmp_path / "no_demo")})

@@ -20,6 +20,7 @@ def run(*args, **kw):
     return subprocess.run([*AMALGAM, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
 
 
+@pytest.mark.slow
 def test_validate_shipped_manifests_schema():
     r = run("validate", "--schema-only", *sorted((ROOT / "data_manifests").glob("*.yaml")))
     assert r.returncode == 0, r.stderr

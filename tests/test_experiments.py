@@ -44,6 +44,7 @@ def _run(bench, notebook, name, recipe=None, **extra):
     return json.loads((out / "metrics.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_train_evaluate_ablate_and_reproduce(bench):
     train, out = _run(bench, "train_amalgam.ipynb", "train")
     assert set(train["final"]) == {"ka2er", "baseline"}

@@ -396,6 +396,7 @@ def test_planning_workers_and_the_trainers_plans(tmp_path, monkeypatch):
     assert calls[1][0] == "-c" and f"plan_variant(992, '{CPU_PLANS}', '2d', 3)" in calls[1][1]
 
 
+@pytest.mark.slow
 def test_manifest_split_is_nnunet_fold_0_and_cpu_plans(tmp_path):
     """Given a manifest, nnU-Net's fold 0 is the manifest's split (train: its train cases, val: its val cases, named as
     nnU-Net names the preprocessed cases); a differing splits file is replaced, other files are left alone. The CPU

@@ -356,6 +356,7 @@ def test_pip_sdist_checks_archive_sha256(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- nnU-Net and real data
 
+@pytest.mark.slow
 def test_materialised_dataset_passes_nnunet_verify_dataset_integrity(tmp_path):
     make_msd_task(tmp_path / "msd", n=4)
     ds = M.materialize(msd_manifest(tmp_path), tmp_path / "nnUNet_raw", source_options={"path": str(tmp_path / "msd")})

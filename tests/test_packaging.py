@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("notebook", "widget", "baseline")
 EXTRA_ONLY_MODULES = {"widgets"}  # modules that need an extra at import time (the prompt demo needs ipywidgets)
@@ -48,6 +50,7 @@ def _third_party(module: str) -> str | None:
     return _norm(dists[0])
 
 
+@pytest.mark.slow
 def test_every_third_party_import_is_declared():
     core = _names("requirements")
     extras = set().union(*(_names(f"{e}_requirements") for e in EXTRAS))
@@ -63,6 +66,7 @@ def test_every_third_party_import_is_declared():
     assert not core_needs_extra, f"imported at module level from an extra (import it where it is used): {core_needs_extra}"
 
 
+@pytest.mark.slow
 def test_core_install_imports_and_predicts_without_extras():
     "Every module but the widgets imports, and `amalgam predict --help` runs, with every extra made unimportable."
     blocked = sorted({"plotly", "papermill", "nbconvert", "nbformat", "jupyterlab", "ipykernel", "ipywidgets",

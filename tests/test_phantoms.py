@@ -52,6 +52,7 @@ def test_committed_manifests_are_valid_and_describe_the_tasks(committed):
     assert len({m.dataset_id for m in committed.values()}) == len(committed) and min(m.dataset_id for m in committed.values()) >= 501
 
 
+@pytest.mark.slow
 def test_regenerated_files_match_committed_sha256(generated, committed):
     for name, m in committed.items():
         for case, (_, _, _, image_bytes, label_bytes) in zip(m.cases, generated[name], strict=True):

@@ -114,6 +114,7 @@ def test_resume_with_another_config_names_the_file_and_keys(reference):
         train(run, **kw, progress=False)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(reference, data_dir, tmp_path):
     ref_run = reference[0]
     run = tmp_path / "killed"
@@ -147,6 +148,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, data_dir, tmp_path):
     assert strip(metrics(run)) == strip(metrics(ref_run))  # each step logged once, with the same losses
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(reference, data_dir, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(data_dir), str(run)]
