@@ -32,7 +32,7 @@ test: install browser check-clean nbtest pytest
 # The inner loop: the notebooks' own tests and every pytest test not marked `slow` (those train models, run nnU-Net,
 # render reports or start a browser). CI and `make test` run everything.
 test-fast: install
-	$(BIN)/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/python -m pytest tests -q -rs -m "not slow" --durations=5
 
 # The widget's browser test drives Debian's Chromium through Playwright (never a downloaded browser).
@@ -47,8 +47,9 @@ check-clean:
 	  echo "nbdev_clean/nbdev_export changed these files; run them and commit the result:"; \
 	  git status --porcelain -- nbs amalgam; git --no-pager diff --stat -- nbs amalgam; exit 1; fi
 
+# Two notebook workers of one thread each: with two threads each they oversubscribe two cores (72 s against 36 s).
 nbtest:
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest:
 	$(BIN)/python -m pytest tests -q -rs --durations=15
