@@ -51,7 +51,7 @@ class DataConfig(DictConfig):
     augment: bool = True  # flips and in-plane 90° rotations (intensities are left as the experts were trained on them)
     # batch prompt-mode probabilities (normalised)
     prompt_modes: dict[str, float] = field(default_factory=lambda: {"auto": 0.4, "box": 0.3, "points": 0.3})
-    max_points: int = 3  # clicks per element in points mode (1..max_points, at least one positive)
+    max_points: int = 3  # clicks per element in points mode: 1..max_points, drawn per batch, at least one positive
     box_jitter: float = 0.1  # each box edge moves outward by up to this fraction of the box size (MedSAM)
     seed: int = 0
 
