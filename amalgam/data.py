@@ -427,7 +427,8 @@ class BatchStream:
         if not _is_int(rank) or not 0 <= rank < world_size:
             raise AmalgamError(f"rank {rank!r}: expected 0..{world_size - 1}")
         mode = self.mode_of(step)
-        elems = [self._element(step, i, mode) for i in range(rank, self.config.batch_size, world_size)]
+        clicks = self.clicks_of(step) if mode == "points" else 0
+        elems = [self._element(step, i, mode, clicks) for i in range(rank, self.config.batch_size, world_size)]
         patch = self.config.patch_size
         if mode == "auto":
             prompts = Prompts(classes=torch.tensor([self._index[e["class_name"]] for e in elems], dtype=torch.long))
@@ -444,7 +445,7 @@ class BatchStream:
                      case_id=[e["case_id"] for e in elems], case_index=[e["case_index"] for e in elems],
                      prompts=prompts, mode=mode)
 
-    def _element(self, step: int, i: int, mode: str) -> dict:
+    def _element(self, step: int, i: int, mode: str, clicks: int) -> dict:
         cfg, g = self.config, rng(self.seed, "element", step, i)
         task = self.task_of(step * cfg.batch_size + i)
         index = self._cases[task][int(g.integers(len(self._cases[task])))]
@@ -458,7 +459,7 @@ class BatchStream:
         out = dict(task=task, case_id=case.case_id, case_index=index, class_value=int(value),
                    class_name=self._names[task][value], image=image, label=label)
         if mode == "box": out["box"] = box_from_mask(target, cfg.box_jitter, g)
-        elif mode == "points": out["points"], out["point_labels"] = self._points(target, self.clicks_of(step), g)
+        elif mode == "points": out["points"], out["point_labels"] = self._points(target, clicks, g)
         return out
 
     def _patch(self, case: _Case, centre: np.ndarray | None, g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

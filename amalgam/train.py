@@ -333,8 +333,8 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     teacher, has_teacher, teacher_weight = teacher_targets(batch, logits, teachers, s.experts_of, c.kd_temperature,
                                                            c.kd_confidence)
     prompts = batch.prompts.to(s.dist.device)
-    if batch.mode == "points":
-        prompts = _corrective_prompts(s, batch, prompts, feats, step, click_rounds(s.config, step))
+    if batch.mode == "points" and (rounds := click_rounds(s.config, step)):
+        prompts = _corrective_prompts(s, batch, prompts, feats, step, rounds)
     multimask = _multimask(prompts, s.dist)  # one collective under DDP, for the teacher and the model alike
     if s.teacher_model is not None and c.kd_weight > 0:  # a student: its teacher answers the final prompts
         with autocast(s.config, s.dist.device):

@@ -1,6 +1,8 @@
 """Shared pytest settings: small worker counts for 2-core machines, and a `slow` marker."""
 import os
 
+import pytest
+
 # nnU-Net starts 8 worker processes by default; CI and developer machines have 2 cores.
 os.environ.setdefault("nnUNet_def_n_proc", "2")
 os.environ.setdefault("nnUNet_n_proc_DA", "1")
@@ -17,6 +19,5 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())): item.add_marker(pytest.mark.slow)
