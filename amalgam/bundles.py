@@ -22,7 +22,7 @@ import torch
 from .config import (AmalgamError, atomic_dir, atomic_path, git_commit, load_weights, package_versions, sha256_file,
                             workspace)
 from .manifests import load_manifest
-from .train import _torch_load, expert_folder, read_run_config
+from .run import expert_folder, read_checkpoint, read_run_config
 
 # %% auto 0
 __all__ = ['BUNDLE_FORMAT', 'BUNDLE_INDEX', 'MAX_BUNDLE_BYTES', 'class_label_values', 'model_card', 'export_bundle',
@@ -141,7 +141,7 @@ def export_bundle(run_dir: str | os.PathLike, zip_path: str | os.PathLike, evalu
     into the zip `zip_path`, written atomically; `evaluation`: an evaluation report's `metrics.json` of this run."""
     run_dir, zip_path = Path(run_dir), Path(zip_path)
     cfg = read_run_config(run_dir)
-    final = _torch_load(run_dir / "model.pt", "final model (has the run finished?)")
+    final = read_checkpoint(run_dir / "model.pt", "final model (has the run finished?)")
     if zip_path.exists() and not (overwrite and zip_path.is_file() and _is_bundle(zip_path)):
         raise AmalgamError(f"{zip_path}: exists" + ("; only an amalgam bundle is ever replaced" if overwrite
                                                   else "; pass --overwrite (overwrite=True) to replace a bundle"))

@@ -16,7 +16,7 @@ import yaml
 
 from .bundles import export_bundle
 from .config import AmalgamError, manifests_dir, repo_root, workspace
-from .infer import add_predict_parser
+from .predict import add_predict_parser
 from .manifests import load_manifest, materialize, validate
 from .phantoms import write_phantom_manifests
 from .reports import check_out_dir, check_parameters, load_params, notebook_parameters, render_index, run_notebook
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnunet-raw", default=None, help="nnUNet_raw of every manifest (default: $nnUNet_raw)")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming the grown run")
     p.set_defaults(fn=_add_expert)
-    add_predict_parser(sub)  # amalgam predict: a trained run or bundle on NIfTI files (see amalgam.infer)
+    add_predict_parser(sub)  # amalgam predict: a trained run or bundle on NIfTI files (see amalgam.predict)
     return ap
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from .config import AmalgamError, DictConfig, did_you_mean, workspace
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, TAPS, Expert, ExpertBank, NnUNetPaths, train_expert
-from .infer import EVAL_MODES, prompted_segmentation
+from .evaluation import EVAL_MODES, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
 from .metrics import case_metrics, stratified_bootstrap_ci
@@ -272,7 +272,7 @@ def _cases(dataset: MultiTaskDataset, tasks: Sequence[str] | None):
 def evaluate_model(method: str, segmenter, dataset: MultiTaskDataset, labels: Mapping[str, Mapping[str, int]],
                    modes: Sequence[str] = EVAL_MODES, nsd_tolerance_mm: float = 2.0,
                    tasks: Sequence[str] | None = None) -> list[dict]:
-    """Records of a trained KA²ER or baseline (an `amalgam.infer.Segmenter`) in each prompt mode on every class of
+    """Records of a trained KA²ER or baseline (an `amalgam.segmenter.Segmenter`) in each prompt mode on every class of
     every test case."""
     out = []
     for case in _cases(dataset, tasks):

@@ -19,7 +19,8 @@ from .experts import Expert, ExpertBank
 from .losses import LossConfig
 from .manifests import load_manifest
 from .model import KA2ER, KA2ERConfig, build_model
-from .train import TrainConfig, expert_folder, load_run, read_run_config, run_manifests, train
+from .run import expert_folder, load_run, read_run_config, run_manifests
+from .train import TrainConfig, train
 
 # %% auto 0
 __all__ = ['CLASS_TENSORS', 'grow_state', 'add_expert']

@@ -13,7 +13,8 @@ from .config import AmalgamError, sha256_file
 from .data import DataConfig
 from .losses import LossConfig
 from .model import KA2ERConfig
-from .train import TrainConfig, load_run, read_run_config, run_manifests, train
+from .run import load_run, read_run_config, run_manifests
+from .train import TrainConfig, train
 
 # %% auto 0
 __all__ = ['distill']

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, key_coverage, load_weights,
-                            remove_stale_temporaries, rng, seed_everything, sha256_file, write_json)
+from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, remove_stale_temporaries, rng,
+                            seed_everything, sha256_file, write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
@@ -32,13 +32,13 @@ from .manifests import Manifest, load_manifest
 from .model import KA2ER, KA2ERConfig, build_model
 from .pretrain import warmup_decay
 from .prompts import LayerNormChannels, Prompts
+from .run import best_mask, config_diff, load_state, multimask_for, read_checkpoint, read_run_config
 
 # %% auto 0
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
-           'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'multimask_for', 'best_mask',
-           'add_click', 'StepContext', 'own_expert', 'expert_volume_stats', 'case_stats', 'click_rounds',
-           'mask_teacher_targets', 'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_state',
-           'config_diff', 'read_run_config', 'run_manifests', 'read_metrics', 'train', 'expert_folder', 'load_run']
+           'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'add_click', 'StepContext',
+           'own_expert', 'expert_volume_stats', 'case_stats', 'click_rounds', 'mask_teacher_targets', 'train_step',
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'train']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -203,19 +203,6 @@ def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts: ExpertB
     return torch.cat(probs), has, (torch.cat(weights) if confidence > 0 else None)
 
 # %% ../nbs/11_train.ipynb
-def multimask_for(prompts: Prompts) -> bool:
-    """SAM's rule: ambiguity-aware multi-mask output only when every element is prompted by exactly one click
-    (no box, no mask, no class)."""
-    if prompts.points is None or prompts.boxes is not None or prompts.masks is not None: return False
-    if prompts.classes is not None and bool((prompts.classes != -1).any()): return False
-    return bool(((prompts.point_labels != -1).sum(1) == 1).all())
-
-def best_mask(masks: Tensor, iou: Tensor) -> Tensor:
-    """Per element the mask logits with the highest predicted IoU: `B x 1 x *spatial` (SAM's choice among multi-mask
-    outputs)."""
-    idx = iou.argmax(1)
-    return masks[torch.arange(len(masks), device=masks.device), idx][:, None]
-
 def add_click(prompts: Prompts, clicks: Sequence[tuple[Tensor, int] | None],
               mask_logits: Tensor | None = None) -> Prompts:
     """The prompts with one more click per element (`None`: no click, a padding entry keeps the `B x N x d` layout) and,
@@ -382,24 +369,7 @@ def save_checkpoint(path: str | os.PathLike, model: KA2ER, optimizer, scheduler,
     with atomic_path(path) as tmp: torch.save(state, tmp)
     return path
 
-def _torch_load(path: Path, what: str) -> dict:
-    obj = load_weights(path, what)
-    if not isinstance(obj, dict) or "model" not in obj:
-        raise AmalgamError(f"{path}: not an amalgam {what} (expected a dict with a 'model' state_dict)")
-    return obj
-
-def load_state(model: nn.Module, state: Mapping, path: str | os.PathLike) -> None:
-    """`model.load_state_dict(state, strict=True)`, with missing/unexpected keys and shape mismatches reported as an
-    `AmalgamError` naming `path`."""
-    coverage = key_coverage(model, state)
-    if not coverage.complete:
-        raise AmalgamError(f"{path}: weights do not fit the model its config describes ({coverage.describe()})")
-    model.load_state_dict(state, strict=True)
-
 # %% ../nbs/11_train.ipynb
-# may change on resume: they do not change the trajectory on one device
-_VOLATILE = {"train.device", "train.log_every", "train.checkpoint_every"}
-
 def _manifest_refs(manifests: Sequence[Manifest | str | os.PathLike]) -> list[dict]:
     out = []
     for m in manifests:
@@ -423,58 +393,6 @@ def _expert_sources(experts: ExpertBank | None, sources: list[dict] | None) -> l
         raise AmalgamError(f"expert_sources: names {names} differ from the expert bank's {sorted(experts.names)}")
     return [dict(s) for s in sources]
 
-def _flat(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and k != "tasks": out.update(_flat(v, f"{prefix}{k}."))
-        else: out[f"{prefix}{k}"] = v
-    return out
-
-def _comparable(cfg: Mapping) -> dict:
-    "A run config as `config_diff` compares it: the training manifests as the set of their sha256s."
-    cfg = json.loads(json.dumps(cfg))
-    if isinstance(cfg.get("manifests"), list):
-        cfg["manifests"] = sorted(r.get("sha256") for r in cfg["manifests"] if isinstance(r, Mapping))
-    return cfg
-
-def config_diff(old: Mapping, new: Mapping) -> list[str]:
-    """Dotted keys whose values differ between two run configs. Settings that may change on resume (device,
-    log/checkpoint intervals) are ignored, and the training manifests are compared by content: the same files, by
-    sha256, in any order and wherever they now lie (a moved checkout)."""
-    a, b = _flat(_comparable(old)), _flat(_comparable(new))
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>") and k not in _VOLATILE)
-
-def read_run_config(run_dir: str | os.PathLike) -> dict:
-    "The validated `config.json` of a run folder: model, data, train, loss, experts, manifests."
-    path = Path(run_dir) / "config.json"
-    if not path.is_file(): raise AmalgamError(f"{path}: not found; {Path(run_dir)} is not a training run folder")
-    try: cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from None
-    missing = [k for k in ("model", "data", "train", "loss", "experts", "manifests")
-               if not isinstance(cfg, dict) or k not in cfg]
-    if missing: raise AmalgamError(f"{path}: missing key(s) {missing}")
-    # what loading the run builds: checked here, named by this file
-    for key, cls in (("model", KA2ERConfig), ("data", DataConfig)):
-        cls.from_dict(cfg[key], f"{path}: {key}")
-    return cfg
-
-def run_manifests(run_dir: str | os.PathLike, manifests: Sequence[str | os.PathLike] | None = None) -> list[Manifest]:
-    """A trained run's training manifests: the files its `config.json` records (default) or `manifests`, which must
-    be the same files by sha256 wherever they now lie (a moved checkout)."""
-    where = Path(run_dir) / "config.json"
-    recorded = {r["sha256"]: r["path"] for r in read_run_config(run_dir)["manifests"]}
-    paths = [Path(p) for p in recorded.values()] if manifests is None else [Path(m) for m in manifests]
-    gone = [str(p) for p in paths if not p.is_file()]
-    if gone:
-        raise AmalgamError(f"{where}: training manifest(s) {gone} not found; pass manifests= (--manifests) with the "
-                           "same files where they now lie")
-    sums = {sha256_file(p): p for p in paths}
-    changed = [str(p) for s, p in sums.items() if s not in recorded]
-    missing = [recorded[s] for s in recorded if s not in sums]
-    if changed or missing:
-        raise AmalgamError(f"{where}: this needs the run's own training manifests, byte for byte; "
-                           f"changed or foreign: {changed or 'none'}; not given: {missing or 'none'}")
-    return [load_manifest(p) for p in paths]
 
 def _origin(cfg: Mapping) -> str:
     "What a run was started from, in words: its teacher (a student), the weights it was initialised from, or nothing."
@@ -506,11 +424,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
     atomic_write(path, "".join(l + "\n" for l in keep))
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    "The records of a run's `metrics.jsonl`, one per logged step (loss terms, lr, grad norm, mean step seconds)."
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file(): raise AmalgamError(f"{path}: not found; has the run started?")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 def _append_metrics(path: Path, record: Mapping) -> None:
     with open(path, "a") as f:
@@ -601,7 +514,7 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
         for p in stale: print(f"{p}: removed (stale temporary of a killed write)")
     start, last, ckpt = 0, {}, None
     if resume and ckpt_path.is_file():
-        ckpt = _torch_load(ckpt_path, "checkpoint")
+        ckpt = read_checkpoint(ckpt_path, "checkpoint")
         start, last = int(ckpt["data_position"]), dict(ckpt.get("last", {}))
         if start >= train_config.steps and (run_dir / "model.pt").is_file():  # finished: nothing to do
             return _summary(run_dir, train_config.steps, start, ctx, last, time.perf_counter() - t0)
@@ -670,39 +583,3 @@ def _summary(run_dir, steps, start, ctx, last, seconds) -> dict:
     return {"run_dir": str(run_dir), "step": steps, "resumed_from": start or None, "world_size": ctx.world_size,
             "seconds": seconds,
             **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "grad_norm", "lr")}}
-
-# %% ../nbs/11_train.ipynb
-def expert_folder(source: Mapping, run_dir: str | os.PathLike) -> Path:
-    """The nnU-Net folder of an expert recorded in a run's config: an absolute path as recorded; a relative one is read
-    relative to the run folder (a bundle's `../experts/<name>`), else, as earlier versions recorded it, to the cwd."""
-    folder = Path(source["folder"])
-    if folder.is_absolute() or not (Path(run_dir) / folder).is_dir(): return folder
-    return Path(run_dir) / folder
-
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
-             experts: ExpertBank | None = None) -> KA2ER:
-    """The trained model of `run_dir` in eval mode: rebuilt from `config.json`, weights from `model.pt` (strict).
-    Experts are reloaded from the recorded nnU-Net folders unless given."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    # the trained weights supersede the foundation's initialisation
-    model_config = KA2ERConfig.from_dict({**cfg["model"], "pretrained": None})
-    recorded = cfg["experts"]
-    if experts is None and recorded:
-        unknown = [s.get("name") for s in recorded if not s.get("folder") or s.get("fold") is None]
-        if unknown:
-            raise AmalgamError(f"{run_dir / 'config.json'}: experts {unknown} have no recorded nnU-Net folder/fold; "
-                               "pass experts= to load_run")
-        experts = ExpertBank([Expert.from_folder(expert_folder(s, run_dir), fold=s["fold"], labels=s.get("labels"),
-                                                 name=s["name"])
-                              for s in recorded])
-        for e, s in zip(experts, recorded):  # the precision the run trained them at, the task they served in it
-            e.amp, e.task = s.get("amp", "auto"), s.get("task") or e.task
-    if experts is not None and sorted(experts.names) != sorted(s["name"] for s in recorded):
-        raise AmalgamError(f"{run_dir / 'config.json'}: the run was trained with experts "
-                           f"{sorted(s['name'] for s in recorded)}, got {sorted(experts.names)}")
-    model = build_model(model_config, experts)
-    weights = run_dir / "model.pt"
-    load_state(model, _torch_load(weights, "final model (has the run finished?)")["model"], weights)
-    if experts is not None: experts.to(device)
-    return model.to(device).eval()

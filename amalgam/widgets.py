@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .config import AmalgamError, atomic_path
-from .infer import tensor_affine
+from .segmenter import tensor_affine
 
 # %% auto 0
 __all__ = ['PromptState', 'save_mask', 'PromptSegmenter']
@@ -171,7 +171,7 @@ def _window(image: np.ndarray) -> tuple[float, float, float, float]:
     return (lo + hi) / 2, hi - lo, vmin, max(vmax, vmin + 1.0)
 
 class PromptSegmenter:
-    """Interactive prompting of `segmenter` (an `amalgam.infer.Segmenter`) on `image` (C x *spatial, tensor axis order;
+    """Interactive prompting of `segmenter` (an `amalgam.segmenter.Segmenter`) on `image` (C x *spatial, tensor axis order;
     `affine` maps its voxels to world mm). Display `.widget`."""
     def __init__(self, segmenter, image, affine: np.ndarray | None = None, axis: int = 0, index: int | None = None,
                  mask_path: str | os.PathLike = "mask.nii.gz", size: int = 520):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import amalgam.infer as I
+import amalgam.segmenter as S
 import amalgam.manifests as M
 from amalgam.cli import main
 from amalgam.config import remove_stale_temporaries
@@ -332,5 +332,5 @@ def r_folder_without_scans(run, tmp):
 def test_predict_bad_inputs(make, run3d, tmp_path, capsys, monkeypatch):
     args, words, before_model = make(run3d, tmp_path)
     if before_model:  # these must be refused before the (slow, large) model is loaded
-        monkeypatch.setattr(I, "load_run", lambda *a, **k: pytest.fail("the model was loaded before the input was checked"))
+        monkeypatch.setattr(S, "load_run", lambda *a, **k: pytest.fail("the model was loaded before the input was checked"))
     refused(args, words, capsys, tmp_path)

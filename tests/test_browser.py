@@ -25,7 +25,8 @@ from scipy.ndimage import distance_transform_edt
 
 from amalgam.data import DataConfig, task_classes
 from amalgam.experts import ExpertBank, save_model_folder, tiny_test_expert
-from amalgam.infer import Segmenter, load_volume
+from amalgam.predict import load_volume
+from amalgam.segmenter import Segmenter
 from amalgam.losses import LossConfig
 from amalgam.manifests import datalist, materialize, write_manifest
 from amalgam.model import KA2ERConfig

@@ -14,7 +14,7 @@ import torch
 
 from amalgam.bundles import BUNDLE_INDEX
 from amalgam.cli import main
-from amalgam.infer import Segmenter
+from amalgam.segmenter import Segmenter
 from test_bad_inputs import check_one_line, run, tree
 from test_infer import make_run
 from test_predict_cli import volume, write_nii

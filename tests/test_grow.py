@@ -9,7 +9,7 @@ import pytest
 
 from amalgam.cli import main
 from amalgam.manifests import load_manifest
-from amalgam.train import load_run, read_run_config
+from amalgam.run import load_run, read_run_config
 from tiny_runs import saved_expert, tiny_ka2er_run
 
 TASKS = ("ct_abdomen", "ct_lung", "mr_brain", "mr_cardiac")

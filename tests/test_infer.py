@@ -1,4 +1,4 @@
-"""amalgam.infer Python API: run folders, sliding-window prompt shifting (3D), slice-wise inference (2D), automatic mode,
+"""amalgam.segmenter and amalgam.evaluation Python API: run folders, sliding-window prompt shifting (3D), slice-wise inference (2D), automatic mode,
 expert weights, coordinates and the evaluation protocol. Tiny random-init models: the checks are about geometry and
 bookkeeping, compared against direct model calls on the same windows."""
 import numpy as np
@@ -7,13 +7,14 @@ import torch
 
 from amalgam.config import AmalgamError, write_json
 from amalgam.data import DataConfig, box_from_mask, center_click
+from amalgam.evaluation import EVAL_MODES, prompted_segmentation
 from amalgam.experts import ExpertBank, save_model_folder, tiny_test_expert
-from amalgam.infer import (EVAL_MODES, Segmenter, prompted_segmentation, tensor_affine, voxel_to_world,
-                           world_to_voxel)
 from amalgam.losses import LossConfig
 from amalgam.model import KA2ERConfig, build_model
 from amalgam.prompts import Prompts
-from amalgam.train import TrainConfig, best_mask, multimask_for
+from amalgam.run import best_mask, multimask_for
+from amalgam.segmenter import Segmenter, tensor_affine, voxel_to_world, world_to_voxel
+from amalgam.train import TrainConfig
 
 TINY = dict(feature_size=12, hidden_dim=24, num_heads=2, transformer_dim=32, decoder_heads=2, iou_head_hidden_dim=32, mask_in_chans=8)
 TASKS = {"demo": ["ball", "cube"]}

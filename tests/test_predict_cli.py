@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from amalgam.infer import Segmenter, load_volume, predict_cli
+from amalgam.predict import load_volume, predict_cli
+from amalgam.segmenter import Segmenter
 from scans import itk_image, write_dicom_series
 from test_infer import make_run  # the tiny run-folder builder shared with the Python API tests
 

@@ -11,7 +11,7 @@ from amalgam.cli import main
 from amalgam.config import sha256_file
 from amalgam.manifests import write_manifest
 from amalgam.phantoms import phantom_manifest
-from amalgam.train import read_run_config
+from amalgam.run import read_run_config
 from tiny_runs import tiny_ka2er_run
 
 

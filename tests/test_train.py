@@ -15,7 +15,8 @@ from amalgam.config import AmalgamError
 from amalgam.manifests import materialize, write_manifest
 from amalgam.phantoms import phantom_manifest
 from amalgam.model import build_model
-from amalgam.train import TrainConfig, load_run, parameter_groups, read_run_config, train
+from amalgam.run import load_run, read_run_config
+from amalgam.train import TrainConfig, parameter_groups, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import STEPS, TASKS, setup  # noqa: E402
