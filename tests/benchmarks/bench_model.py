@@ -9,10 +9,11 @@ test experts) or `--expert-size nnunet` (nnU-Net's default feature counts, amalg
 cost of a real expert). `--json PATH` also writes the figures as JSON, `--label` tags them (before/after comparisons:
 run the script twice with different PYTHONPATHs, interleaved, in one shell invocation).
 
-Memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the part ran. On CPU, the peak of live
-tensor bytes recorded by torch.profiler(profile_memory=True), at operator granularity (allocations and frees replayed in
-time order), above what was live before the part ran. Both count torch tensors only, not allocator caches, the process,
-or the NumPy arrays of the experts' nnU-Net normalisation (CPU side, before their networks run).
+Time and memory are measured by amalgam.benchmarking, as the benchmark report measures them: the median of --repeats
+runs after a warm-up, then the peak tensor memory a part allocates above what was allocated before it ran (CUDA:
+torch.cuda.max_memory_allocated; CPU: torch.profiler's allocation events in time order). Both count torch tensors only,
+not allocator caches, the process, or the NumPy arrays of the experts' nnU-Net normalisation (CPU side, before their
+networks run).
 By default the trainable parts run with autograd on, as in training, so saved activations count; --no-grad measures inference.
 """
 from __future__ import annotations
@@ -20,20 +21,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import statistics
-import time
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from amalgam.experts import Expert, ExpertBank, tiny_test_expert
+from amalgam.benchmarking import median_seconds, memory
+from amalgam.experts import NNUNET_DEFAULT_FEATURES, Expert, ExpertBank, tiny_test_expert
 from amalgam.model import KA2ERConfig, build_model, zscore
 from amalgam.prompts import Prompts
 
 PARTS = ("experts", "foundation", "amalgamation", "decoder", "total")
-FEATURES = {"tiny": {2: (8, 16, 32), 3: (8, 16, 32)},
-            "nnunet": {2: (32, 64, 128, 256, 512, 512, 512), 3: (32, 64, 128, 256, 320, 320)}}  # nnU-Net's defaults
+FEATURES = {"tiny": {2: (8, 16, 32), 3: (8, 16, 32)}, "nnunet": NNUNET_DEFAULT_FEATURES}
 
 
 def make_expert(spatial_dims: int, name: str, seed: int, size: str = "tiny") -> Expert:
@@ -46,45 +44,6 @@ def parse_size(text: str, spatial_dims: int) -> tuple[int, ...]:
     if len(size) == 1: size = size * spatial_dims
     if len(size) != spatial_dims: raise SystemExit(f"--sizes {text}: expected {spatial_dims} sizes joined by 'x' (or one size)")
     return size
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda": torch.cuda.synchronize(device)
-
-
-def peak_bytes(fn, device: torch.device) -> int:
-    "Peak tensor bytes allocated while `fn()` runs, above what was allocated before."
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return peak
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    del out
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: kernels, allocator, lazy initialisation
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-        del out
-    return statistics.median(times)
 
 
 def bench_size(model, size, device, repeats, grad, batch=1):
@@ -111,7 +70,7 @@ def bench_size(model, size, device, repeats, grad, batch=1):
     rows = {}
     for part in PARTS:
         if part not in calls: continue
-        rows[part] = (median_seconds(calls[part], device, repeats), peak_bytes(calls[part], device))
+        rows[part] = (median_seconds(calls[part], device, repeats), memory(calls[part], device)["peak_MiB"])
     return rows
 
 
@@ -155,7 +114,7 @@ def main(argv=None):
     for size in sizes:
         rows = bench_size(model, size, device, args.repeats, not args.no_grad, args.batch)
         results[size] = rows
-        cells = [f"{rows[p][0] * 1e3:16.1f} {rows[p][1] / 2**20:17.1f}" if p in rows else f"{'-':>16} {'-':>17}" for p in PARTS]
+        cells = [f"{rows[p][0] * 1e3:16.1f} {rows[p][1]:17.1f}" if p in rows else f"{'-':>16} {'-':>17}" for p in PARTS]
         print(f"{'x'.join(map(str, size)):>14} {math.prod(size):>10} " + " ".join(cells))
     vox = np.log([math.prod(s) for s in sizes])
     print("memory growth exponent (slope of log peak MiB vs log voxels; 1 = linear):")
@@ -168,7 +127,7 @@ def main(argv=None):
     if args.json:
         import json
         out = {"label": args.label, "args": vars(args), "exponents": exponents,
-               "rows": [{"size": list(s), "part": p, "seconds": t, "peak_bytes": m} for s in sizes for p, (t, m) in results[s].items()]}
+               "rows": [{"size": list(s), "part": p, "seconds": t, "peak_MiB": m} for s in sizes for p, (t, m) in results[s].items()]}
         with open(args.json, "w") as f: json.dump(out, f, indent=1)
 
 
