@@ -12,6 +12,7 @@ import glob
 import hashlib
 import io
 import json
+import numbers
 import os
 import platform
 import random
@@ -22,16 +23,17 @@ import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict', 'DictConfig', 'repo_root', 'workspace',
-           'manifests_dir', 'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path', 'atomic_dir',
-           'remove_stale_temporaries', 'replace_dir', 'load_weights', 'KeyCoverage', 'key_coverage', 'git_commit',
-           'package_versions', 'provenance', 'write_json']
+__all__ = ['IS_BOOL', 'SPATIAL_DIMS', 'TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict', 'DictConfig',
+           'Rule', 'is_int', 'int_at_least', 'at_least', 'above', 'between', 'one_of', 'check_fields', 'repo_root',
+           'workspace', 'manifests_dir', 'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path',
+           'atomic_dir', 'remove_stale_temporaries', 'replace_dir', 'load_weights', 'KeyCoverage', 'key_coverage',
+           'git_commit', 'package_versions', 'provenance', 'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
@@ -86,6 +88,47 @@ def _check_scalar_types(cls, fields: Mapping, what: str) -> None:
         if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
             bad.append(f"{f.name!r} must be {f.type}, got {type(v).__name__} {v!r:.40}")
     if bad: raise AmalgamError(f"{what}: {'; '.join(bad)}")
+
+# %% ../nbs/00_config.ipynb
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    "A config field's rule: `ok(value)` says whether a value is valid, `want` says what a valid value is, in words."
+    ok: Callable[[Any], bool]
+    want: str
+
+def is_int(v) -> bool:
+    "An integer (Python or NumPy), not a bool."
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+def int_at_least(lo: int) -> Rule:
+    return Rule(lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
+
+def at_least(lo: float) -> Rule:
+    return Rule(lambda v: _is_number(v) and v >= lo, f"a number >= {lo}")
+
+def above(lo: float) -> Rule:
+    return Rule(lambda v: _is_number(v) and v > lo, f"a number > {lo}")
+
+def between(lo: float, hi: float) -> Rule:
+    return Rule(lambda v: _is_number(v) and lo <= v <= hi, f"a number in [{lo}, {hi}]")
+
+def one_of(choices: Sequence) -> Rule:
+    "Exactly one of `choices`, of its type too (a bool is no choice of numbers)."
+    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), f"one of {tuple(choices)}")
+
+IS_BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+SPATIAL_DIMS = Rule(lambda v: is_int(v) and v in (2, 3), "2 or 3")
+
+def check_fields(config, rules: Mapping[str, Rule]) -> None:
+    """Check the fields of `config` (a dataclass) named in `rules`; every field that breaks its rule is named in one
+    `AmalgamError`: `TrainConfig.lr: expected a number > 0, got -1.0`."""
+    name = type(config).__name__
+    bad = [f"{name}.{k}: expected {r.want}, got {getattr(config, k)!r}" for k, r in rules.items()
+           if not r.ok(getattr(config, k))]
+    if bad: raise AmalgamError("; ".join(bad))
 
 # %% ../nbs/00_config.ipynb
 def repo_root(start: str | os.PathLike | None = None) -> Path | None:

@@ -19,7 +19,8 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from scipy import ndimage
 from torch import Tensor
 
-from .config import AmalgamError, DictConfig, did_you_mean, rng
+from .config import (IS_BOOL, SPATIAL_DIMS, AmalgamError, DictConfig, between, check_fields, did_you_mean,
+                            int_at_least, is_int, rng)
 from .manifests import Manifest, datalist, load_manifest, nnunet_raw_dir
 from .prompts import Prompts
 
@@ -33,8 +34,6 @@ PROMPT_MODES = ("auto", "box", "points")
 def _unknown_keys(cls_name: str, given: Sequence[str], known: Sequence[str]) -> str:
     return (f"{cls_name}: unknown key(s) {', '.join(f'{k!r}{did_you_mean(k, known)}' for k in given)}; "
             f"known keys: {list(known)}")
-
-def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 @dataclass
 class DataConfig(DictConfig):
@@ -57,8 +56,9 @@ class DataConfig(DictConfig):
 
     def __post_init__(self):
         name = "DataConfig"
-        if self.spatial_dims not in (2, 3) or not _is_int(self.spatial_dims):
-            raise AmalgamError(f"{name}.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
+        check_fields(self, {"spatial_dims": SPATIAL_DIMS, "batch_size": int_at_least(1), "max_points": int_at_least(1),
+                            "seed": int_at_least(0), "pos_fraction": between(0, 1), "box_jitter": between(0, 1),
+                            "augment": IS_BOOL})
         try: self.patch_size = tuple(int(p) for p in self.patch_size)
         except (TypeError, ValueError):
             raise AmalgamError(f"{name}.patch_size: expected a sequence of integers, "
@@ -88,17 +88,6 @@ class DataConfig(DictConfig):
                                        f"got {self.pixdim[t]!r}")
                 out[str(t)] = s
             self.pixdim = out
-        for k in ("batch_size", "max_points"):
-            v = getattr(self, k)
-            if not _is_int(v) or v < 1: raise AmalgamError(f"{name}.{k}: expected a positive integer, got {v!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise AmalgamError(f"{name}.seed: expected a non-negative integer, got {self.seed!r}")
-        for k in ("pos_fraction", "box_jitter"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise AmalgamError(f"{name}.{k}: expected a number in [0, 1], got {v!r}")
-        if not isinstance(self.augment, bool):
-            raise AmalgamError(f"{name}.augment: expected True or False, got {self.augment!r}")
         modes = self.prompt_modes
         if not isinstance(modes, Mapping) or not modes:
             raise AmalgamError(f"{name}.prompt_modes: expected a mapping of {list(PROMPT_MODES)} to probabilities, "
@@ -385,7 +374,7 @@ class BatchStream:
             raise AmalgamError(f"config: expected a DataConfig, got {type(config).__name__}")
         self.dataset, self.config = dataset, config
         self.seed = config.seed if seed is None else seed
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise AmalgamError(f"seed: expected a non-negative integer, got {self.seed!r}")
         self.vocabulary = {t: list(cs) for t, cs in (tasks if tasks is not None else dataset.classes).items()}
         names = [f"{t}:{c}" for t, cs in self.vocabulary.items() for c in cs]
@@ -420,11 +409,11 @@ class BatchStream:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
         "Batch `step`: elements `rank::world_size` of the global batch of `config.batch_size` elements."
-        if not _is_int(step) or step < 0: raise AmalgamError(f"step: expected a non-negative integer, got {step!r}")
-        if not _is_int(world_size) or not 1 <= world_size <= self.config.batch_size:
+        if not is_int(step) or step < 0: raise AmalgamError(f"step: expected a non-negative integer, got {step!r}")
+        if not is_int(world_size) or not 1 <= world_size <= self.config.batch_size:
             raise AmalgamError(f"world_size {world_size!r}: expected 1..batch_size ({self.config.batch_size}) "
                                "so that every rank gets an element")
-        if not _is_int(rank) or not 0 <= rank < world_size:
+        if not is_int(rank) or not 0 <= rank < world_size:
             raise AmalgamError(f"rank {rank!r}: expected 0..{world_size - 1}")
         mode = self.mode_of(step)
         clicks = self.clicks_of(step) if mode == "points" else 0

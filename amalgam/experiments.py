@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .config import AmalgamError, DictConfig, did_you_mean, workspace
+from .config import (SPATIAL_DIMS, AmalgamError, DictConfig, check_fields, did_you_mean, int_at_least, one_of,
+                            workspace)
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, TAPS, Expert, ExpertBank, NnUNetPaths, train_expert
@@ -82,19 +83,14 @@ class Recipe(DictConfig):
     def __post_init__(self):
         self.patch_size, self.modes = tuple(int(s) for s in self.patch_size), tuple(self.modes)
         self.scales = tuple(int(s) for s in self.scales)
-        if self.spatial_dims not in (2, 3):
-            raise AmalgamError(f"Recipe.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
+        check_fields(self, {"spatial_dims": SPATIAL_DIMS, "expert_amp": one_of(("auto", "bf16", "off")),
+                            "expert_taps": one_of(TAPS), "steps": int_at_least(1), "batch_size": int_at_least(1),
+                            "n_boot": int_at_least(1)})
         if len(self.patch_size) != self.spatial_dims:
             raise AmalgamError(f"Recipe.patch_size {list(self.patch_size)}: needs {self.spatial_dims} sizes "
                                f"for spatial_dims={self.spatial_dims}")
-        if self.expert_amp not in ("auto", "bf16", "off"):
-            raise AmalgamError(f"Recipe.expert_amp: expected 'auto', 'bf16' or 'off', got {self.expert_amp!r}")
-        if self.expert_taps not in TAPS:
-            raise AmalgamError(f"Recipe.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
         bad = [m for m in self.modes if m not in EVAL_MODES]
         if bad: raise AmalgamError(f"Recipe.modes: unknown mode(s) {bad}; choose from {list(EVAL_MODES)}")
-        for k in ("steps", "batch_size", "n_boot"):
-            if int(getattr(self, k)) < 1: raise AmalgamError(f"Recipe.{k}: must be >= 1, got {getattr(self, k)!r}")
 
     @classmethod
     def from_notebook(cls, recipe: Mapping | None, device: str, seed: int) -> "Recipe":

@@ -15,7 +15,7 @@ from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from .amalgamation import routing_accuracy, routing_loss
-from .config import AmalgamError, DictConfig
+from .config import AmalgamError, DictConfig, above, at_least, between, check_fields
 
 # %% auto 0
 __all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'teacher_confidence', 'distillation_loss', 'iou_targets',
@@ -36,15 +36,10 @@ class LossConfig(DictConfig):
     routing_weight: float = 0.0  # auxiliary loss pulling each element's expert weights toward its own task's expert
 
     def __post_init__(self):
+        weights = {f.name: at_least(0) for f in dataclasses.fields(self)}
+        check_fields(self, {**weights, "kd_temperature": above(0), "kd_confidence": between(0, 1)})
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise AmalgamError(f"LossConfig.{f.name}: expected a number, got {v!r}")
-            if f.name == "kd_temperature": ok, want = v > 0, "> 0"
-            elif f.name == "kd_confidence": ok, want = 0 <= v <= 1, "in [0, 1]"
-            else: ok, want = v >= 0, ">= 0"
-            if not ok: raise AmalgamError(f"LossConfig.{f.name}: must be {want}, got {v!r}")
-            setattr(self, f.name, float(v))
+            setattr(self, f.name, float(getattr(self, f.name)))
         # the multimask rule picks the mask with the lowest segmentation loss, which needs a segmentation loss
         if self.dice_weight + self.ce_weight == 0:
             raise AmalgamError("LossConfig: dice_weight and ce_weight are both 0; at least one must be positive")

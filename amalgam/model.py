@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .amalgamation import AmalgamationLayer
-from .config import AmalgamError, DictConfig, did_you_mean, rng, write_json
+from .config import (SPATIAL_DIMS, AmalgamError, DictConfig, check_fields, did_you_mean, int_at_least, one_of,
+                            rng, write_json)
 from .experts import TAPS, ExpertBank
 from .foundation import SWIN_DIVISOR, Foundation, LoadReport, load_pretrained
 from .prompts import MaskDecoder, PromptEncoder, Prompts
@@ -73,13 +73,8 @@ class KA2ERConfig(DictConfig):
         if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= set(strides):
             raise AmalgamError(f"KA2ERConfig.scales: expected distinct foundation strides from {strides}, "
                                f"got {self.scales}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise AmalgamError(f"KA2ERConfig.seed: expected a non-negative integer, got {self.seed!r}")
+        check_fields(self, {"seed": int_at_least(0), "expert_taps": one_of(TAPS), "spatial_dims": SPATIAL_DIMS})
         self.seed = int(self.seed)
-        if self.expert_taps not in TAPS:
-            raise AmalgamError(f"KA2ERConfig.expert_taps: expected one of {TAPS}, got {self.expert_taps!r}")
-        if self.spatial_dims not in (2, 3):
-            raise AmalgamError(f"KA2ERConfig.spatial_dims: expected 2 or 3, got {self.spatial_dims!r}")
         if not isinstance(self.tasks, Mapping):
             raise AmalgamError("KA2ERConfig.tasks: expected a mapping task -> class names, got "
                                f"{type(self.tasks).__name__}")

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import (AmalgamError, DictConfig, atomic_path, atomic_write, remove_stale_temporaries, rng,
-                            seed_everything, sha256_file, write_json)
+from .config import (AmalgamError, DictConfig, above, at_least, atomic_path, atomic_write, between, check_fields,
+                            int_at_least, one_of, remove_stale_temporaries, rng, seed_everything, sha256_file,
+                            write_json)
 from .data import Batch, BatchStream, DataConfig, MultiTaskDataset, corrective_click
 from .experts import Expert, ExpertBank
 from .losses import KA2ERLoss, LossConfig, teacher_confidence, teacher_probability
@@ -64,27 +65,13 @@ class TrainConfig(DictConfig):
     seed: int = 0  # global RNGs and the corrective-click streams
 
     def __post_init__(self):
-        def need(ok, what): 
-            if not ok: raise AmalgamError(f"TrainConfig.{what}")
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps: expected an integer >= 1, got {self.steps!r}")
-        need(self.lr > 0, f"lr: must be > 0, got {self.lr!r}")
-        need(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay!r}")
-        need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps,
-             f"warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
-        need(self.schedule in _SCHEDULES, f"schedule: expected one of {list(_SCHEDULES)}, got {self.schedule!r}")
-        need(self.poly_power > 0, f"poly_power: must be > 0, got {self.poly_power!r}")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
-        need(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
-        need(self.amp in _AMP_MODES, f"amp: expected one of {list(_AMP_MODES)}, got {self.amp!r}")
-        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 1,
-             f"checkpoint_every: expected an integer >= 1, got {self.checkpoint_every!r}")
-        need(isinstance(self.log_every, int) and self.log_every >= 1,
-             f"log_every: expected an integer >= 1, got {self.log_every!r}")
-        need(isinstance(self.corrective_clicks, int) and self.corrective_clicks >= 0,
-             f"corrective_clicks: expected an integer >= 0, got {self.corrective_clicks!r}")
-        need(isinstance(self.seed, int) and self.seed >= 0, f"seed: expected a non-negative integer, got {self.seed!r}")
+        check_fields(self, {
+            "steps": int_at_least(1), "lr": above(0), "weight_decay": at_least(0), "warmup_steps": int_at_least(0),
+            "schedule": one_of(_SCHEDULES), "poly_power": above(0), "min_lr_ratio": between(0, 1),
+            "grad_clip": at_least(0), "amp": one_of(_AMP_MODES), "checkpoint_every": int_at_least(1),
+            "log_every": int_at_least(1), "corrective_clicks": int_at_least(0), "seed": int_at_least(0)})
         try: torch.device(self.device)
-        except RuntimeError: need(False, f"device: {self.device!r} is not a torch device")
+        except RuntimeError: raise AmalgamError(f"TrainConfig.device: {self.device!r} is not a torch device") from None
 
 # %% ../nbs/11_train.ipynb
 def lr_factor(step: int, config: TrainConfig) -> float:
