@@ -171,8 +171,8 @@ def _window(image: np.ndarray) -> tuple[float, float, float, float]:
     return (lo + hi) / 2, hi - lo, vmin, max(vmax, vmin + 1.0)
 
 class PromptSegmenter:
-    """Interactive prompting of `segmenter` (an `amalgam.segmenter.Segmenter`) on `image` (C x *spatial, tensor axis order;
-    `affine` maps its voxels to world mm). Display `.widget`."""
+    """Interactive prompting of `segmenter` (an `amalgam.segmenter.Segmenter`) on `image` (C x *spatial, tensor axis
+    order; `affine` maps its voxels to world mm). Display `.widget`."""
     def __init__(self, segmenter, image, affine: np.ndarray | None = None, axis: int = 0, index: int | None = None,
                  mask_path: str | os.PathLike = "mask.nii.gz", size: int = 520):
         self.segmenter, self.image = segmenter, _as_volume(image)
