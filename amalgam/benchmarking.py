@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 # %% auto 0
-__all__ = ['sync', 'timed', 'median_seconds', 'memory', 'time_and_peak']
+__all__ = ['sync', 'timed', 'timed_runs', 'median_seconds', 'memory', 'time_and_peak']
 
 # %% ../nbs/18_benchmarking.ipynb
 def sync(device: torch.device) -> None:
@@ -30,16 +30,21 @@ def timed(fn: Callable, device: torch.device) -> tuple[float, float]:
     sync(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
+def timed_runs(fn: Callable, device: torch.device, n: int = 3) -> list[tuple[float, float]]:
+    "`timed` of `n` calls after one warm-up call (lazy initialisation, allocator, kernel selection)."
+    fn()
+    return [timed(fn, device) for _ in range(max(1, n))]
+
 def median_seconds(fn: Callable, device: torch.device, n: int = 3) -> float:
     "Median wall-clock seconds of `n` calls after one warm-up call."
-    fn()
-    return statistics.median(timed(fn, device)[0] for _ in range(max(1, n)))
+    return statistics.median(wall for wall, _ in timed_runs(fn, device, n))
 
 # %% ../nbs/18_benchmarking.ipynb
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f: return next(int(l.split()[1]) for l in f if l.startswith(key))
 
-def _can_reset_hwm() -> bool: return os.access("/proc/self/clear_refs", os.W_OK)
+def _can_reset_hwm() -> bool:
+    return os.access("/proc/self/clear_refs", os.W_OK)
 
 def memory(fn: Callable, device: torch.device) -> dict:
     """One call of `fn`: `peak_MiB`, its tensor-memory peak above what was allocated before, and on a Linux CPU
@@ -68,7 +73,6 @@ def memory(fn: Callable, device: torch.device) -> dict:
 def time_and_peak(fn: Callable, device: torch.device, n: int = 3) -> dict:
     """Median wall (`seconds`) and CPU (`cpu_seconds`) seconds of `n` calls after one warm-up call, then the `memory`
     of one more call."""
-    fn()
-    runs = [timed(fn, device) for _ in range(max(1, n))]
+    runs = timed_runs(fn, device, n)
     return {"seconds": statistics.median(r[0] for r in runs), "cpu_seconds": statistics.median(r[1] for r in runs),
             **memory(fn, device)}
