@@ -17,7 +17,7 @@ import yaml
 from .bundles import export_bundle
 from .config import AmalgamError, manifests_dir, repo_root, workspace
 from .predict import add_predict_parser
-from .manifests import load_manifest, materialize, validate
+from .manifests import materialize, validate
 from .phantoms import write_phantom_manifests
 from .reports import check_out_dir, check_parameters, load_params, notebook_parameters, render_index, run_notebook
 from .grow import add_expert

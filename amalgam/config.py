@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['IS_BOOL', 'SPATIAL_DIMS', 'TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict', 'DictConfig',
-           'Rule', 'is_int', 'int_at_least', 'at_least', 'above', 'between', 'one_of', 'check_fields', 'repo_root',
-           'workspace', 'manifests_dir', 'seed_everything', 'rng', 'sha256_file', 'atomic_write', 'atomic_path',
-           'atomic_dir', 'remove_stale_temporaries', 'replace_dir', 'load_weights', 'KeyCoverage', 'key_coverage',
-           'git_commit', 'package_versions', 'provenance', 'write_json']
+__all__ = ['IS_BOOL', 'SPATIAL_DIMS', 'TRACKED_PACKAGES', 'AmalgamError', 'did_you_mean', 'fields_from_dict', 'merge_mappings',
+           'DictConfig', 'Rule', 'is_int', 'int_at_least', 'at_least', 'above', 'between', 'one_of', 'check_fields',
+           'repo_root', 'workspace', 'manifests_dir', 'seed_everything', 'rng', 'sha256_file', 'atomic_write',
+           'atomic_path', 'atomic_dir', 'remove_stale_temporaries', 'replace_dir', 'load_weights', 'KeyCoverage',
+           'key_coverage', 'git_commit', 'package_versions', 'provenance', 'write_json']
 
 # %% ../nbs/00_config.ipynb
 class AmalgamError(ValueError):
@@ -58,6 +58,13 @@ def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
         given = ", ".join(f"{k!r}{did_you_mean(k, names)}" for k in unknown)
         raise AmalgamError(f"{what}: unknown key(s) {given}; known keys: {names}")
     return dict(d)
+
+def merge_mappings(base: Mapping, edit: Mapping) -> dict:
+    "`base` with `edit` applied key by key: a mapping in both is merged the same way, anything else is replaced."
+    out = dict(base)
+    for k, v in edit.items():
+        out[k] = merge_mappings(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 def _plain(v):
     "Tuples (also inside dicts and lists) as lists: what the value reads back as from JSON."

@@ -9,18 +9,18 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .config import (SPATIAL_DIMS, AmalgamError, DictConfig, check_fields, did_you_mean, int_at_least, one_of,
-                            workspace)
+from .config import (SPATIAL_DIMS, AmalgamError, DictConfig, Rule, above, check_fields, did_you_mean,
+                            fields_from_dict, int_at_least, is_int, merge_mappings, one_of, workspace)
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
-from .experts import SMOKE_TRAINER, TAPS, Expert, ExpertBank, NnUNetPaths, train_expert
+from .experts import SMOKE_TRAINER, Expert, ExpertBank, NnUNetPaths, train_expert
 from .evaluation import EVAL_MODES, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
@@ -29,74 +29,104 @@ from .model import KA2ERConfig
 from .train import TrainConfig, train
 
 # %% auto 0
-__all__ = ['ABLATIONS', 'Recipe', 'variant_edit', 'variant_configs', 'same_as_full', 'expert_bank', 'expert_precision',
-           'sub_bank', 'data_root', 'pretrained_foundation', 'train_variant', 'task_labels', 'evaluate_model',
-           'evaluate_experts', 'slice_boxes', 'evaluate_litemedsam', 'paired_comparison', 'claim_verdicts',
-           'overlay_figure']
+__all__ = ['ABLATIONS', 'ExpertsConfig', 'EvalConfig', 'Recipe', 'variant_edit', 'variant_recipe', 'variant_configs',
+           'same_as_full', 'expert_bank', 'expert_precision', 'sub_bank', 'data_root', 'pretrained_foundation',
+           'train_variant', 'task_labels', 'evaluate_model', 'evaluate_experts', 'slice_boxes', 'evaluate_litemedsam',
+           'paired_comparison', 'claim_verdicts', 'overlay_figure']
 
 # %% ../nbs/17_experiments.ipynb
 @dataclass
-class Recipe(DictConfig):
-    "Every knob of the main job: data, model size, training, distillation, pretraining and evaluation."
-    # experts (nnU-Net v2)
-    expert_configuration: str = "2d"
-    expert_trainer: str = SMOKE_TRAINER
+class ExpertsConfig(DictConfig):
+    "The frozen experts: how nnU-Net trains them, the fold that serves, their precision, and how many are amalgamated."
+    configuration: str = "2d"  # nnU-Net configuration of every expert
+    trainer: str = SMOKE_TRAINER  # nnU-Net trainer class (amalgam's CPU trainers, or nnU-Net's own)
     fold: int = 0
-    # frozen experts' precision: "auto" (bf16 where the hardware does it natively), "bf16" or "off"
-    expert_amp: str = "auto"
-    # data
-    spatial_dims: int = 2
-    patch_size: tuple[int, ...] = (64, 64)
-    batch_size: int = 8
-    # model
-    feature_size: int = 12
-    hidden_dim: int = 48
-    num_heads: int = 4
-    transformer_dim: int = 64
-    embed_stride: int = 16
-    scales: tuple[int, ...] = (8, 16, 32)  # foundation strides where the experts are amalgamated
-    zero_init_expert_path: bool = True  # KA²ER starts as the baseline: the expert path adds exactly zero at step 0
-    task_routing: bool = True  # the class prompt biases the expert weighting (learned, zero at start)
-    expert_taps: str = "encoder"  # the experts' maps amalgamated: "encoder" stages or "decoder" stage outputs
-    # each expert's conditioned feature keeps its own token, not only what attention brings
-    expert_residual: bool = False
-    # training
-    steps: int = 200
-    lr: float = 5e-4
-    warmup_steps: int = 20
-    checkpoint_every: int = 50
-    corrective_clicks: int = 1
-    kd_weight: float = 0.5
-    kd_temperature: float = 2.0
-    kd_confidence: float = 0.0  # distil only where the teacher's top class probability reaches this (0: everywhere)
-    routing_weight: float = 0.0  # auxiliary loss toward each element's own expert in the adaptive weighting
-    ablation_steps: int | None = None  # steps of every ablation variant and its full reference (None: `steps`)
-    # self-supervised pretraining of the foundation (0: none; the "no pretraining" ablation always starts from scratch)
-    pretrain_steps: int = 100
-    # evaluation
-    modes: tuple[str, ...] = ("auto", "box", "click1", "click3")
+    amp: str = "auto"  # "auto" (bf16 where the hardware does it natively), "bf16" or "off"
+    # how many experts are amalgamated, the first by task name (None: all; 0: none, the joint baseline); every task
+    # keeps its own expert as distillation teacher whenever at least one is amalgamated
+    amalgamate: int | None = None
+
+    def __post_init__(self):
+        check_fields(self, {"fold": int_at_least(0), "amp": one_of(("auto", "bf16", "off")),
+                            "amalgamate": Rule(lambda v: v is None or (is_int(v) and v >= 0),
+                                               "None or an integer >= 0")})
+
+@dataclass
+class EvalConfig(DictConfig):
+    "How every method is scored: the prompt modes, the bootstrap's resamples and the NSD tolerance."
+    modes: tuple[str, ...] = EVAL_MODES
     n_boot: int = 2000
     nsd_tolerance_mm: float = 2.0
+
+    def __post_init__(self):
+        self.modes = tuple(self.modes)
+        check_fields(self, {"n_boot": int_at_least(1), "nsd_tolerance_mm": above(0),
+                            "modes": Rule(lambda v: len(v) > 0 and set(v) <= set(EVAL_MODES),
+                                          f"one or more of {EVAL_MODES}")})
+
+# the parts' fields the recipe fills in: its own spatial_dims, device and seed, the manifests' tasks, the pretrained
+# foundation (made from `pretrain_steps`). A recipe mapping that sets them inside a part is refused.
+_FILLED = {"model": ("spatial_dims", "seed", "tasks", "pretrained"), "data": ("spatial_dims", "seed"),
+           "train": ("device", "seed")}
+
+@dataclass
+class Recipe(DictConfig):
+    """Every knob of the main job: one config per part, each with its module's defaults. `spatial_dims`, `device` and
+    `seed` are the recipe's own and are written into every part that has them."""
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    model: KA2ERConfig = field(default_factory=KA2ERConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    spatial_dims: int = 2
+    # self-supervised pretraining of the foundation (0: none; the "no pretraining" ablation always starts from scratch)
+    pretrain_steps: int = 100
+    ablation_steps: int | None = None  # steps of every ablation variant and its full reference (None: train.steps)
     device: str = "cpu"
     seed: int = 0
 
     def __post_init__(self):
-        self.patch_size, self.modes = tuple(int(s) for s in self.patch_size), tuple(self.modes)
-        self.scales = tuple(int(s) for s in self.scales)
-        check_fields(self, {"spatial_dims": SPATIAL_DIMS, "expert_amp": one_of(("auto", "bf16", "off")),
-                            "expert_taps": one_of(TAPS), "steps": int_at_least(1), "batch_size": int_at_least(1),
-                            "n_boot": int_at_least(1)})
-        if len(self.patch_size) != self.spatial_dims:
-            raise AmalgamError(f"Recipe.patch_size {list(self.patch_size)}: needs {self.spatial_dims} sizes "
-                               f"for spatial_dims={self.spatial_dims}")
-        bad = [m for m in self.modes if m not in EVAL_MODES]
-        if bad: raise AmalgamError(f"Recipe.modes: unknown mode(s) {bad}; choose from {list(EVAL_MODES)}")
+        check_fields(self, {"spatial_dims": SPATIAL_DIMS, "pretrain_steps": int_at_least(0), "seed": int_at_least(0),
+                            "ablation_steps": Rule(lambda v: v is None or (is_int(v) and v >= 1),
+                                                   "None or an integer >= 1")})
+        own = {"spatial_dims": self.spatial_dims, "seed": self.seed, "device": self.device}
+        for part, names in _FILLED.items():
+            config = getattr(self, part)
+            mine = {n: own[n] for n in names if n in own and getattr(config, n) != own[n]}
+            if mine: setattr(self, part, dataclasses.replace(config, **mine))
+
+    def to_dict(self) -> dict:
+        "Plain values, without the fields the recipe fills into its parts (`from_dict` refuses them there)."
+        d = super().to_dict()
+        for part, names in _FILLED.items():
+            for n in names: d[part].pop(n)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping, what: str = "recipe") -> "Recipe":
+        """The recipe of a mapping such as a params file's `recipe:` section: a mapping per part, the recipe's own
+        fields beside them. An unknown key at any level is an error with a did-you-mean hint."""
+        given, parts = fields_from_dict(cls, d, what), {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        own = {n: given.get(n, fields[n].default) for n in ("spatial_dims", "seed", "device")}
+        for f in fields.values():
+            if f.name not in given or not dataclasses.is_dataclass(f.default_factory): continue
+            sub = {} if given[f.name] is None else given[f.name]
+            filled = sorted(set(sub) & set(_FILLED.get(f.name, ()))) if isinstance(sub, Mapping) else []
+            if filled:
+                raise AmalgamError(f"{what}.{f.name}: {filled} are filled in by the recipe (spatial_dims, device "
+                                   "and seed are the recipe's own; tasks come from the manifests, the pretrained "
+                                   "foundation from pretrain_steps); remove them from this part")
+            mine = {n: own[n] for n in _FILLED.get(f.name, ()) if n in own}  # the part is built with the recipe's
+            parts[f.name] = f.default_factory.from_dict({**sub, **mine} if isinstance(sub, Mapping) else sub,
+                                                        f"{what}.{f.name}")
+        return super().from_dict({**given, **parts}, what)
 
     @classmethod
     def from_notebook(cls, recipe: Mapping | None, device: str, seed: int) -> "Recipe":
-        """The recipe of an experiment notebook: its `recipe` parameter (a mapping of fields, e.g. a params file's
-        `recipe:` section; a misspelt key is an error with a did-you-mean hint) with the notebook's `device` and
-        `seed`."""
+        """The recipe of an experiment notebook: its `recipe` parameter (a params file's `recipe:` section) with the
+        notebook's `device` and `seed`."""
         given = dict(recipe or {})
         twice = sorted({"device", "seed"} & set(given))
         if twice:
@@ -104,13 +134,18 @@ class Recipe(DictConfig):
                                f"pass them as -p {twice[0]}=..., not inside the recipe")
         return cls.from_dict({**given, "device": device, "seed": seed})
 
+    def patch(self, edit: Mapping) -> "Recipe":
+        "This recipe with `edit` (a mapping shaped like `to_dict`'s, e.g. `{'loss': {'kd_weight': 0.0}}`) applied."
+        return type(self).from_dict(merge_mappings(self.to_dict(), edit))
+
     def with_steps(self, steps: int | None) -> "Recipe":
         """The recipe trained for `steps` (None: unchanged), its warm-up and checkpoint interval scaled along, so a
         shorter run keeps the recipe's schedule shape rather than spending most of itself warming up."""
-        if steps is None or steps == self.steps: return self
-        warmup = round(self.warmup_steps * steps / self.steps)
-        return dataclasses.replace(self, steps=steps, warmup_steps=warmup,
-                                   checkpoint_every=min(self.checkpoint_every, steps))
+        t = self.train
+        if steps is None or steps == t.steps: return self
+        return self.patch({"train": {"steps": steps, "warmup_steps": round(t.warmup_steps * steps / t.steps),
+                                     "checkpoint_every": min(t.checkpoint_every, steps)}})
+
 
 # %% ../nbs/17_experiments.ipynb
 ABLATIONS = {
@@ -118,7 +153,7 @@ ABLATIONS = {
     "no_cross_attention": {"model": {"use_cross_attention": False}},
     "no_adaptive_weighting": {"model": {"use_adaptive_weighting": False}},
     "no_distillation": {"loss": {"kd_weight": 0.0}},
-    "no_pretraining": {"pretrained": False},
+    "no_pretraining": {"pretrain_steps": 0},
     "no_zero_init": {"model": {"zero_init_expert_path": False}},
     "no_task_routing": {"model": {"task_routing": False}},
     "no_routing_loss": {"loss": {"routing_weight": 0.0}},
@@ -129,44 +164,45 @@ ABLATIONS = {
 }
 
 def variant_edit(name: str, n_experts: int) -> dict:
-    """The edit that makes variant `name` (`ka2er`, `baseline`, an `ABLATIONS` key, or `experts_k<k>` with 1 <= k <
-    `n_experts`)."""
+    """The recipe patch that makes variant `name` (`ka2er`, `baseline`, an `ABLATIONS` key, or `experts_k<k>` with
+    1 <= k <= `n_experts`)."""
     if name == "ka2er": return {}
-    if name == "baseline": return {"experts": 0}
+    if name == "baseline": return {"experts": {"amalgamate": 0}}
     if name in ABLATIONS: return ABLATIONS[name]
     if name.startswith("experts_k") and name[9:].isdigit() and 1 <= int(name[9:]) <= n_experts:
-        return {"experts": int(name[9:])}
+        return {"experts": {"amalgamate": int(name[9:])}}
     known = ["ka2er", "baseline", *ABLATIONS, *(f"experts_k{k}" for k in range(1, n_experts + 1))]
     raise AmalgamError(f"variant {name!r}: unknown; choose from {known}{did_you_mean(name, known)}")
 
 # %% ../nbs/17_experiments.ipynb
+def variant_recipe(recipe: Recipe, name: str, n_experts: int) -> Recipe:
+    "The recipe of variant `name` (see `variant_edit`) among `n_experts` experts."
+    v = recipe.patch(variant_edit(name, n_experts))
+    if v.experts.amalgamate is not None and v.experts.amalgamate > n_experts:
+        raise AmalgamError(f"recipe.experts.amalgamate: {v.experts.amalgamate} experts asked for, "
+                           f"but there are {n_experts}")
+    return v
+
 def variant_configs(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str = "ka2er",
                     n_experts: int | None = None, pretrained: str | os.PathLike | None = None
                     ) -> tuple[KA2ERConfig, DataConfig, TrainConfig, LossConfig, int]:
-    """(model, data, train, loss configs, number of experts to use) for variant `name` of `recipe` on `tasks` (task ->
-    class names)."""
+    """(model, data, train, loss configs, number of experts to amalgamate) for variant `name` of `recipe` on `tasks`
+    (task -> class names); the model starts from `pretrained` unless the variant does no pretraining."""
     n_experts = len(tasks) if n_experts is None else n_experts
-    edit, r = variant_edit(name, n_experts), recipe
-    use_pretrained = pretrained is not None and edit.get("pretrained", True)
-    model = KA2ERConfig(**{
-        "spatial_dims": r.spatial_dims, "feature_size": r.feature_size, "hidden_dim": r.hidden_dim,
-        "num_heads": r.num_heads, "transformer_dim": r.transformer_dim, "iou_head_hidden_dim": r.transformer_dim,
-        "embed_stride": r.embed_stride, "scales": r.scales, "zero_init_expert_path": r.zero_init_expert_path,
-        "task_routing": r.task_routing, "expert_taps": r.expert_taps, "expert_residual": r.expert_residual,
-        "tasks": {t: list(c) for t, c in tasks.items()}, "pretrained": str(pretrained) if use_pretrained else None,
-        "seed": r.seed, **edit.get("model", {})})
-    data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)
-    trn = TrainConfig(steps=r.steps, lr=r.lr, warmup_steps=r.warmup_steps, checkpoint_every=r.checkpoint_every,
-                      corrective_clicks=r.corrective_clicks, device=r.device, seed=r.seed)
-    loss = LossConfig(**{"kd_weight": r.kd_weight, "kd_temperature": r.kd_temperature, "kd_confidence": r.kd_confidence,
-                         "routing_weight": r.routing_weight, **edit.get("loss", {})})
-    return model, data, trn, loss, edit.get("experts", n_experts)
+    v = variant_recipe(recipe, name, n_experts)
+    use_pretrained = pretrained is not None and v.pretrain_steps > 0
+    model = dataclasses.replace(v.model, tasks={t: list(c) for t, c in tasks.items()},
+                                pretrained=str(pretrained) if use_pretrained else None)
+    k = n_experts if v.experts.amalgamate is None else v.experts.amalgamate
+    return model, v.data, v.train, v.loss, k
 
 def same_as_full(recipe: Recipe, tasks: Mapping[str, Sequence[str]], name: str, n_experts: int | None = None,
                  pretrained: str | os.PathLike | None = None) -> bool:
-    "Whether variant `name` is the full `ka2er` under this recipe (e.g. `no_routing_loss` when `routing_weight` is 0)."
+    """Whether variant `name` is the full `ka2er` under this recipe (e.g. `no_routing_loss` when `routing_weight` is
+    0)."""
     full = variant_configs(recipe, tasks, "ka2er", n_experts, pretrained)
     return variant_configs(recipe, tasks, name, n_experts, pretrained) == full
+
 
 # %% ../nbs/17_experiments.ipynb
 def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recipe,
@@ -181,20 +217,21 @@ def expert_bank(manifests: Sequence[Manifest | str | os.PathLike], recipe: Recip
     if unknown:
         raise AmalgamError(f"expert folders given for unknown task(s) {unknown}; "
                            f"the manifests' tasks are {[m.task for m in ms]}")
+    x, device = recipe.experts, recipe.device
     for m in ms:
         given = (folders or {}).get(m.task)
         if given is not None and str(given).endswith(".zip"):
-            e = Expert.from_zip(given, fold=recipe.fold, labels=m.labels, name=m.task, device=recipe.device)
+            e = Expert.from_zip(given, fold=x.fold, labels=m.labels, name=m.task, device=device)
             folder = e.source
         else:
             folder = Path(given) if given is not None else train_expert(
-                m, configuration=recipe.expert_configuration, fold=recipe.fold, trainer=recipe.expert_trainer,
-                device=recipe.device, workspace_dir=workspace_dir)
-            e = Expert.from_folder(folder, fold=recipe.fold, labels=m.labels, name=m.task, device=recipe.device)
+                m, configuration=x.configuration, fold=x.fold, trainer=x.trainer, device=device,
+                workspace_dir=workspace_dir)
+            e = Expert.from_folder(folder, fold=x.fold, labels=m.labels, name=m.task, device=device)
         experts.append(e)
-        e.amp = expert_precision(recipe.expert_amp, recipe.device)
+        e.amp = expert_precision(x.amp, device)
         e.task = m.task  # a model trained elsewhere names its task by its nnU-Net dataset; it serves the manifest's
-        sources.append({"name": m.task, "task": m.task, "folder": str(folder), "fold": recipe.fold,
+        sources.append({"name": m.task, "task": m.task, "folder": str(folder), "fold": x.fold,
                         "labels": dict(m.labels), "amp": e.amp})
     return ExpertBank(experts), sources
 
@@ -223,15 +260,15 @@ def pretrained_foundation(recipe: Recipe, manifests: Sequence[str | os.PathLike]
     from amalgam.pretrain import pretrain_foundation
     if recipe.pretrain_steps <= 0: return None
     r = recipe
-    key = json.dumps({"dims": r.spatial_dims, "patch": list(r.patch_size), "fs": r.feature_size,
-                      "steps": r.pretrain_steps, "seed": r.seed, "batch": r.batch_size,
+    key = json.dumps({"dims": r.spatial_dims, "data": r.data.to_dict(), "fs": r.model.feature_size,
+                      "steps": r.pretrain_steps, "seed": r.seed,
                       "manifests": sorted(hashlib.sha256(Path(m).read_bytes()).hexdigest() for m in manifests)},
                      sort_keys=True)
     out = workspace(workspace_dir) / "pretrained" / f"swinvit_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if out.is_file(): return out
-    data = DataConfig(spatial_dims=r.spatial_dims, patch_size=r.patch_size, batch_size=r.batch_size, seed=r.seed)
-    return Path(pretrain_foundation(out, manifests, data, r.spatial_dims, r.feature_size, steps=r.pretrain_steps,
-                                    seed=r.seed, device=r.device, progress=progress, root=data_root(workspace_dir)))
+    return Path(pretrain_foundation(out, manifests, r.data, r.spatial_dims, r.model.feature_size,
+                                    steps=r.pretrain_steps, seed=r.seed, device=r.device, progress=progress,
+                                    root=data_root(workspace_dir)))
 
 def train_variant(name: str, recipe: Recipe, manifests: Sequence[str | os.PathLike], bank: ExpertBank,
                   sources: Sequence[dict], pretrained: str | os.PathLike | None = None,

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from .config import AmalgamError, atomic_dir, atomic_write, did_you_mean, provenance, repo_root, write_json
+from .config import (AmalgamError, atomic_dir, atomic_write, did_you_mean, merge_mappings, provenance, repo_root,
+                            write_json)
 
 # %% auto 0
 __all__ = ['REPORT_WRITER', 'THIRD_PARTY_MODULES', 'VERDICT_OPPONENTS', 'CLAIM_SAID', 'HEADLINES', 'setup_plotly',
@@ -46,7 +47,9 @@ def check_offline(page: str, name: str = "report") -> None:
 
 # %% ../nbs/15_reports.ipynb
 def load_params(params_file: str | os.PathLike | None = None, overrides: Mapping | None = None) -> dict:
-    "Parameters from a YAML mapping (optional) updated with `overrides`; plain YAML-serialisable values only."
+    """Parameters from a YAML mapping (optional) updated with `overrides`; plain YAML-serialisable values only. An
+    override that is a mapping patches the file's mapping of that name key by key (`merge_mappings`): `-p
+    'recipe={train: {steps: 50}}'` changes the recipe's steps and keeps the rest of the file's recipe."""
     params = {}
     if params_file is not None:
         p = Path(params_file)
@@ -57,7 +60,7 @@ def load_params(params_file: str | os.PathLike | None = None, overrides: Mapping
         if not isinstance(loaded, dict):
             raise AmalgamError(f"{p}: expected a mapping of parameter names to values, got {type(loaded).__name__}")
         params.update(loaded)
-    params.update(overrides or {})
+    params = merge_mappings(params, overrides or {})
     try: yaml.safe_dump(params)
     except yaml.YAMLError as e:
         raise AmalgamError(f"parameters must be plain values (numbers, strings, lists, mappings): {e}") from None

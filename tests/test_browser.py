@@ -24,7 +24,7 @@ from papermill.parameterize import parameterize_notebook
 from scipy.ndimage import distance_transform_edt
 
 from amalgam.data import DataConfig, task_classes
-from amalgam.experts import ExpertBank, save_model_folder, tiny_test_expert
+from amalgam.experts import ExpertBank, save_model_folder
 from amalgam.predict import load_volume
 from amalgam.segmenter import Segmenter
 from amalgam.losses import LossConfig
@@ -32,6 +32,7 @@ from amalgam.manifests import datalist, materialize, write_manifest
 from amalgam.model import KA2ERConfig
 from amalgam.phantoms import phantom_manifest
 from amalgam.train import TrainConfig, train
+from tiny_experts import tiny_test_expert
 
 CHROMIUM = Path("/usr/bin/chromium")
 DEMO = Path(__file__).parents[1] / "nbs" / "experiments" / "demo.ipynb"

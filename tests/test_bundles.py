@@ -8,7 +8,6 @@ import shutil
 import stat
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 

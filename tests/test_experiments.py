@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 
 from amalgam.config import AmalgamError
-from amalgam.experiments import Recipe, expert_bank
-from amalgam.experts import Expert, save_model_folder, tiny_test_expert
+from amalgam.experiments import Recipe, expert_bank, merge_mappings
+from amalgam.experts import Expert, save_model_folder
 from amalgam.manifests import load_manifest, materialize
 from amalgam.phantoms import write_phantom_manifests
 from amalgam.reports import run_notebook
+from tiny_experts import tiny_test_expert
 
 NBS = Path(__file__).resolve().parents[1] / "nbs" / "experiments"
-TINY = {"steps": 3, "pretrain_steps": 2, "batch_size": 2, "checkpoint_every": 2, "warmup_steps": 1, "feature_size": 12,
-        "hidden_dim": 24, "transformer_dim": 32, "n_boot": 50, "modes": ["auto", "box", "click3"]}
+TINY = {"train": {"steps": 3, "checkpoint_every": 2, "warmup_steps": 1}, "data": {"batch_size": 2}, "pretrain_steps": 2,
+        "model": {"feature_size": 12, "hidden_dim": 24, "transformer_dim": 32, "iou_head_hidden_dim": 32},
+        "eval": {"n_boot": 50, "modes": ["auto", "box", "click3"]}}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def bench(tmp_path_factory):
 def _run(bench, notebook, name, recipe=None, **extra):
     out = bench["root"] / "reports" / name
     params = {"manifests": bench["manifests"], "workspace": bench["workspace"], **extra}
-    if notebook != "distill.ipynb": params["recipe"] = {**TINY, **(recipe or {})}  # a student takes its teacher's
+    if notebook != "distill.ipynb": params["recipe"] = merge_mappings(TINY, recipe or {})  # a student takes its teacher's
     if notebook not in ("evaluate.ipynb", "distill.ipynb"):  # these use the run's own experts
         params["expert_folders"] = bench["expert_folders"]
     run_notebook(NBS / notebook, out, params, overwrite=True)
@@ -48,13 +50,13 @@ def _run(bench, notebook, name, recipe=None, **extra):
 def test_train_evaluate_ablate_and_reproduce(bench):
     train, out = _run(bench, "train_amalgam.ipynb", "train")
     assert set(train["final"]) == {"ka2er", "baseline"}
-    assert train["final"]["ka2er"]["step"] == train["final"]["baseline"]["step"] == TINY["steps"]
+    assert train["final"]["ka2er"]["step"] == train["final"]["baseline"]["step"] == TINY["train"]["steps"]
     assert train["final"]["ka2er"]["kd"] > 0 == train["final"]["baseline"]["kd"]
     assert (out / "report.html").is_file() and (out / "provenance.json").is_file()
     assert train["parameters"]["baseline"]["amalgamation"] == 0 < train["parameters"]["ka2er"]["amalgamation"]
     ev, out = _run(bench, "evaluate.ipynb", "evaluate", litemedsam=True, litemedsam_slices=1, cross_task=True)
     methods = {(r["method"], r["mode"]) for r in ev["records"]}
-    for mode in TINY["modes"]:
+    for mode in TINY["eval"]["modes"]:
         assert ("ka2er", mode) in methods and ("baseline", mode) in methods
     assert ("expert", "auto") in methods and ("LiteMedSAM", "box@slices") in methods
     assert any(m.startswith("expert ") for m, _ in methods), "cross-task rows missing"

@@ -1,7 +1,6 @@
 """amalgam.experts against the real nnU-Net: train one smoke expert once (module fixture), load it from its folder and
 from nnU-Net's own zip export, check feature shapes, agreement with nnUNetv2_predict, and every bad input."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import torch
 
 from amalgam.config import AmalgamError
 from amalgam.experts import (CPU_PLANS, CPU_TRAINER, FULL_TRAINER, SMOKE_TRAINER, Expert, ExpertBank, FeatureSpec,
-                             NnUNetPaths, read_image, save_model_folder, tiny_test_expert, train_expert, training_summary)
+                             NnUNetPaths, read_image, save_model_folder, train_expert, training_summary)
+from tiny_experts import tiny_test_expert
 
 LABELS = {"background": 0, "sphere": 1, "ball": 2}
 CONFIG = "2d"  # 2D trains ~3x faster on CPU; 3D experts are covered with tiny experts and by nbs/03_experts

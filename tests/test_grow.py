@@ -1,6 +1,5 @@
 """`amalgam add-expert`: a tiny KA2ER trained on three phantom tasks grown by the fourth task's nnU-Net expert (as a
 results folder and as an nnU-Net export zip), then used like any run; bad experts exit 2 with one line and no output."""
-import json
 import zipfile
 
 import nibabel as nib

@@ -8,13 +8,14 @@ import torch
 from amalgam.config import AmalgamError, write_json
 from amalgam.data import DataConfig, box_from_mask, center_click
 from amalgam.evaluation import EVAL_MODES, prompted_segmentation
-from amalgam.experts import ExpertBank, save_model_folder, tiny_test_expert
+from amalgam.experts import ExpertBank, save_model_folder
 from amalgam.losses import LossConfig
 from amalgam.model import KA2ERConfig, build_model
 from amalgam.prompts import Prompts
 from amalgam.run import best_mask, multimask_for
 from amalgam.segmenter import Segmenter, tensor_affine, voxel_to_world, world_to_voxel
 from amalgam.train import TrainConfig
+from tiny_experts import tiny_test_expert
 
 TINY = dict(feature_size=12, hidden_dim=24, num_heads=2, transformer_dim=32, decoder_heads=2, iou_head_hidden_dim=32, mask_in_chans=8)
 TASKS = {"demo": ["ball", "cube"]}

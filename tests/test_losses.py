@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from amalgam.config import AmalgamError
-from amalgam.experts import tiny_test_expert
 from amalgam.losses import KA2ERLoss, LossConfig, distillation_loss, iou_targets, segmentation_loss, teacher_probability
+from tiny_experts import tiny_test_expert
 
 SHAPE = {2: (12, 10), 3: (6, 8, 10)}
 

@@ -116,7 +116,7 @@ def test_class_token_minus_one_is_no_class():
 def test_batch_elements_are_independent():
     enc, dec = parts(2)
     enc.eval(), dec.eval()
-    spatial, feats, prompts = (64, 64), features((64, 64), b=2), all_prompts((64, 64))
+    feats, prompts = features((64, 64), b=2), all_prompts((64, 64))
     masks, iou = run(enc, dec, feats, prompts)
     for i in range(2):
         one = Prompts(**{k: v[i:i + 1] for k, v in prompts.given().items()})

@@ -3,12 +3,13 @@ expert per task saved as nnU-Net saves a trained model, and a KA2ER trained for 
 from pathlib import Path
 
 from amalgam.data import DataConfig, task_classes
-from amalgam.experts import Expert, ExpertBank, save_model_folder, tiny_test_expert
+from amalgam.experts import Expert, ExpertBank, save_model_folder
 from amalgam.losses import LossConfig
 from amalgam.manifests import load_manifest, materialize, write_manifest
 from amalgam.model import KA2ERConfig
 from amalgam.phantoms import phantom_manifest
 from amalgam.train import TrainConfig, train
+from tiny_experts import tiny_test_expert
 
 SMALL = dict(spatial_dims=2, feature_size=12, hidden_dim=32, transformer_dim=32, iou_head_hidden_dim=32,
              mask_in_chans=8)

@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 
 from amalgam.data import DataConfig, task_classes
-from amalgam.experts import ExpertBank, tiny_test_expert
+from amalgam.experts import ExpertBank
 from amalgam.losses import LossConfig
 from amalgam.model import KA2ERConfig
 from amalgam.train import TrainConfig, train
+from tiny_experts import tiny_test_expert
 
 TASKS = {"ct_abdomen": 4, "ct_lung": 3}  # phantom task -> expert output channels (background + classes)
 STEPS = 5

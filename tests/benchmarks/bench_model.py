@@ -21,14 +21,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from amalgam.benchmarking import median_seconds, memory
-from amalgam.experts import NNUNET_DEFAULT_FEATURES, Expert, ExpertBank, tiny_test_expert
+from amalgam.experts import NNUNET_DEFAULT_FEATURES, Expert, ExpertBank
 from amalgam.model import KA2ERConfig, build_model, zscore
 from amalgam.prompts import Prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' fixtures
+from tiny_experts import tiny_test_expert  # noqa: E402
 
 PARTS = ("experts", "foundation", "amalgamation", "decoder", "total")
 FEATURES = {"tiny": {2: (8, 16, 32), 3: (8, 16, 32)}, "nnunet": NNUNET_DEFAULT_FEATURES}
