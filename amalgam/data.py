@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 from scipy import ndimage
 from torch import Tensor
@@ -25,8 +27,9 @@ from .manifests import Manifest, datalist, load_manifest, nnunet_raw_dir
 from .prompts import Prompts
 
 # %% auto 0
-__all__ = ['PROMPT_MODES', 'MAX_LOCATIONS', 'DataConfig', 'task_classes', 'class_index', 'MultiTaskDataset', 'sample_points',
-           'box_from_mask', 'corrective_click', 'center_click', 'Batch', 'BatchStream']
+__all__ = ['PROMPT_MODES', 'MAX_LOCATIONS', 'DataConfig', 'task_classes', 'class_index', 'tensor_affine', 'Preprocessing',
+           'MultiTaskDataset', 'sample_points', 'box_from_mask', 'corrective_click', 'center_click', 'Batch',
+           'BatchStream']
 
 # %% ../nbs/08_data.ipynb
 PROMPT_MODES = ("auto", "box", "points")
@@ -38,7 +41,7 @@ def _unknown_keys(cls_name: str, given: Sequence[str], known: Sequence[str]) -> 
 @dataclass
 class DataConfig(DictConfig):
     "Patches, sampling, augmentation and prompt simulation for training (see the field comments)."
-    spatial_dims: int = 2  # 2: slices along the first spatial axis; 3: volumes
+    spatial_dims: int = 2  # 2: slices through-plane (the largest-spacing axis, see `Preprocessing`); 3: volumes
     patch_size: tuple = (64, 64)  # tensor axis order; multiples of 32, one per spatial dimension
     orientation: str | None = "RAS"  # MONAI axcodes every volume is reoriented to (None: keep the file's voxel order)
     # task -> working spacing in mm (tensor axis order); missing tasks keep their native spacing
@@ -122,6 +125,84 @@ def class_index(tasks: Mapping[str, Sequence[str]], name: str) -> int:
     return names.index(name)
 
 # %% ../nbs/08_data.ipynb
+def tensor_affine(affine) -> np.ndarray:
+    """The affine of an array in tensor axis order (spatial axes reversed, as nnU-Net's readers give them) from the
+    affine of the file-order array (nibabel's, or a MONAI MetaTensor's)."""
+    a = np.asarray(affine, dtype=np.float64)
+    perm = np.zeros((4, 4)); perm[3, 3] = 1
+    for i in range(3): perm[2 - i, i] = 1  # tensor index (z, y, x) -> file index (x, y, z)
+    return a @ perm
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How one task's scans reach the model's working grid, and how the model's maps go back: MONAI's `Orientationd`
+    to `orientation` and, with a working spacing, `Spacingd` to `pixdim` (images bilinear, labels nearest), then the
+    spatial axes reversed into tensor axis order; for a 2D model the scan's largest-spacing axis then comes first, so
+    that slices run through-plane, as nnU-Net's 2D configuration slices (its `transpose_forward`). Training, evaluation
+    and `amalgam predict` use this one object; `restore` inverts it."""
+    orientation: str | None = "RAS"  # MONAI axcodes (None: keep the file's voxel order)
+    pixdim: tuple[float, ...] | None = None  # the working spacing in tensor axis order (None: each scan's own)
+    spatial_dims: int = 3  # the model's: 2 slices along the first axis of what `__call__` returns
+
+    @classmethod
+    def of(cls, config: DataConfig, task: str | None = None) -> "Preprocessing":
+        """`task`'s preprocessing under `config` (a `task:class` name counts as its task); for no task, the spacing
+        that every task shares, else each scan's own."""
+        pixdim = config.pixdim or {}
+        if task is not None: p = pixdim.get(task.split(":", 1)[0])
+        else:
+            spacings = {tuple(v) for v in pixdim.values()}
+            p = spacings.pop() if len(spacings) == 1 else None
+        return cls(config.orientation, None if p is None else tuple(float(s) for s in p), config.spatial_dims)
+
+    def _chain(self, keys: Sequence[str]) -> Compose:
+        ts = [Orientationd(keys, axcodes=self.orientation, labels=None)] if self.orientation else []
+        if self.pixdim:  # pixdim is in tensor axis order; MONAI's voxel axes are the file's (the reverse)
+            ts.append(Spacingd(keys, pixdim=list(self.pixdim)[::-1], mode=("bilinear", "nearest")[:len(keys)]))
+        return Compose(ts)
+
+    @functools.cached_property
+    def image_transform(self) -> Compose:
+        """The MONAI steps for key `image` (a channel-first MetaTensor in the file's axis order). `restore` inverts
+        what this very object did (MONAI matches an inverse to the transform instance)."""
+        return self._chain(["image"])
+
+    @functools.cached_property
+    def case_transform(self) -> Compose:
+        "The same steps for keys `image` and `label` (a training or evaluation case)."
+        return self._chain(["image", "label"])
+
+    def axes(self, affine) -> tuple[int, int, int]:
+        """The model's axis order as tensor axes, for a transformed scan's (file-order) `affine`: (0, 1, 2), or for a 2D
+        model the largest-spacing axis first (axis 0 where it is within 0.1 % of the largest)."""
+        spacing = np.linalg.norm(tensor_affine(affine)[:3, :3], axis=0)
+        first = 0 if self.spatial_dims == 3 or spacing[0] >= spacing.max() * (1 - 1e-3) else int(spacing.argmax())
+        return (first, *(a for a in range(3) if a != first))
+
+    def to_model(self, x: Tensor, affine) -> tuple[Tensor, np.ndarray]:
+        """`C x *spatial` in the file's axis order, with its (file-order) `affine`, in the model's axis order: the
+        spatial axes reversed (tensor axis order) and ordered by `axes`. Returns the array and its affine."""
+        ax = self.axes(affine)
+        return x.permute(0, *(3 - a for a in ax)).contiguous(), tensor_affine(affine)[:, [*ax, 3]]
+
+    def __call__(self, image: MetaTensor) -> tuple[Tensor, np.ndarray, MetaTensor]:
+        """A channel-first image (file axis order) on the working grid: `(C x *spatial float32 in the model's axis
+        order, its affine, the transformed MetaTensor that `restore` needs)`."""
+        ref = self.image_transform({"image": image})["image"]
+        return (*self.to_model(ref.as_tensor().float(), ref.affine.numpy()), ref)
+
+    def restore(self, maps: Tensor, reference: MetaTensor) -> np.ndarray:
+        """`K x *spatial` maps on the working grid (the model's axis order) back on the file's voxel grid and array
+        order, `K x *file spatial`, by inverting the steps recorded in `reference` (linear interpolation where
+        resampled)."""
+        ax = self.axes(reference.affine.numpy())
+        file_order = maps.float().permute(0, *(1 + ax.index(2 - f) for f in range(3)))
+        x = MetaTensor(file_order.contiguous(), meta=dict(reference.meta),
+                       applied_operations=list(reference.applied_operations))
+        out = self.image_transform.inverse({"image": x})["image"]
+        return np.asarray(out.detach().cpu().numpy() if isinstance(out, Tensor) else out)
+
+# %% ../nbs/08_data.ipynb
 MAX_LOCATIONS = 10_000  # voxels remembered per class and case for positive crops
 
 @dataclass(eq=False)
@@ -138,10 +219,6 @@ class _Case:
 
     @property
     def spacing(self) -> tuple: return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
-
-def _reverse_axes(a: Tensor) -> Tensor: return a.permute(0, *range(a.ndim - 1, 0, -1)).contiguous()
-
-_REVERSE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)  # (z, y, x, 1) -> (x, y, z, 1)
 
 def _header(path: str) -> tuple:
     "(shape, affine) of a NIfTI file without reading its voxels."
@@ -182,14 +259,7 @@ def _class_locations(label: np.ndarray, values: Sequence[int]) -> dict:
 
 _LOAD = Compose([LoadImaged(["image", "label"], reader="NibabelReader"), EnsureChannelFirstd(["image", "label"])])
 
-def _resample(orientation: str | None, pixdim: Sequence[float] | None) -> Compose:
-    keys = ["image", "label"]
-    ts = [Orientationd(keys, axcodes=orientation, labels=None)] if orientation else []
-    # pixdim is in tensor axis order; MONAI's voxel axes are the file's (the reverse)
-    if pixdim: ts.append(Spacingd(keys, pixdim=list(pixdim)[::-1], mode=("bilinear", "nearest")))
-    return Compose(ts)
-
-def _load_case(entry: dict, labels: Mapping[str, int], resample: Compose) -> _Case:
+def _load_case(entry: dict, labels: Mapping[str, int], prep: Preprocessing) -> _Case:
     "One datalist entry loaded, checked, resampled and converted to tensor axis order."
     entry = {**entry, "images": entry["image"] if isinstance(entry["image"], list) else [entry["image"]]}
     _check_geometry(entry)
@@ -199,11 +269,10 @@ def _load_case(entry: dict, labels: Mapping[str, int], resample: Compose) -> _Ca
         bad = int((~torch.isfinite(d["image"].as_tensor()[c])).sum())
         if bad: raise AmalgamError(f"{p}: {bad} non-finite voxel(s) (NaN/inf) in the image")
     _check_label(entry["label"], d["label"].as_tensor().numpy(), labels)
-    d = resample(d)
-    affine = d["image"].affine.numpy().astype(float) @ _REVERSE
-    image = _reverse_axes(d["image"].as_tensor().float())
-    lab = d["label"].as_tensor().round().to(torch.uint8 if max(labels.values()) < 256 else torch.int16)
-    lab = _reverse_axes(lab)
+    d = prep.case_transform(d)
+    image, affine = prep.to_model(d["image"].as_tensor().float(), d["image"].affine.numpy())
+    lab = prep.to_model(d["label"].as_tensor().round().to(torch.uint8 if max(labels.values()) < 256 else torch.int16),
+                        d["image"].affine.numpy())[0]  # the label's grid is the image's (checked above)
     flat = image.reshape(image.shape[0], -1)
     return _Case(entry["task"], entry["case_id"], image, lab, affine, list(entry["images"]), entry["label"],
                  _class_locations(lab[0].numpy(), sorted(v for v in labels.values() if v != 0)),
@@ -235,8 +304,8 @@ class MultiTaskDataset:
         for m in self.manifests:
             entries = datalist(m, split, nnunet_raw_dir(root) / m.dataset_folder_name)
             if not entries: raise AmalgamError(f"{m.path}: split {split!r} of task {m.task!r} has no cases")
-            resample = _resample(config.orientation, (config.pixdim or {}).get(m.task))
-            self._cases += [_load_case(e, m.labels, resample) for e in entries]
+            prep = Preprocessing.of(config, m.task)
+            self._cases += [_load_case(e, m.labels, prep) for e in entries]
         self.labels = {m.task: dict(m.labels) for m in self.manifests}
 
     def __len__(self) -> int: return len(self._cases)

@@ -20,18 +20,18 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, Spacingd
+from monai.transforms import EnsureChannelFirstd
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import AmalgamError, atomic_path
-from .data import DataConfig
-from .segmenter import (SegmentationResult, Segmenter, TaskSegmentation, label_map, tensor_affine,
-                               voxel_to_world, world_to_voxel)
+from .data import DataConfig, Preprocessing
+from .segmenter import (SegmentationResult, Segmenter, TaskSegmentation, label_map, voxel_to_world,
+                               world_to_voxel)
 
 # %% auto 0
 __all__ = ['PROMPT_KEYS', 'NIFTI_SUFFIXES', 'ITK_SUFFIXES', 'SCAN_SUFFIXES', 'MAX_VOXELS', 'scan_stem', 'find_inputs',
-           'ScanVolume', 'working_pixdim', 'read_scan', 'load_volume', 'case_prompts', 'read_prompts', 'predict_main',
+           'ScanVolume', 'read_scan', 'load_volume', 'case_prompts', 'read_prompts', 'predict_main',
            'add_predict_parser', 'predict_cli']
 
 # %% ../nbs/12c_predict.ipynb
@@ -77,31 +77,19 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 @dataclass(eq=False)
 class ScanVolume:
-    """A scan prepared as the model's training data was (MONAI: channel first, reoriented to
-    `DataConfig.orientation`, resampled to the task's `pixdim`), in tensor axis order."""
+    """A scan prepared as the model's training data was, by the task's `amalgam.data.Preprocessing` (reoriented to
+    `DataConfig.orientation`, resampled to the task's `pixdim`, in tensor axis order)."""
     path: Path
     nifti: nib.Nifti1Image  # the scan as a NIfTI image (header and RAS+ affine for the outputs)
     volume: Tensor  # C x *spatial raw float32, tensor axis order, working grid
     affine: np.ndarray  # working-grid voxel index (tensor axis order) -> world mm (the NIfTI's RAS+ space)
     reference: MetaTensor  # the transformed image (file axis order) whose applied operations `restore` inverts
-    transform: Compose
+    preprocessing: Preprocessing
 
     def restore(self, maps: Tensor) -> np.ndarray:
         """`K x *spatial` maps on the working grid (tensor axis order) back on the file's own voxel grid and array
         order: `K x *file spatial` (linear interpolation where resampled)."""
-        ref = self.reference
-        x = MetaTensor(maps.permute(0, *range(maps.ndim - 1, 0, -1)).float(), meta=dict(ref.meta),
-                       applied_operations=list(ref.applied_operations))
-        out = self.transform.inverse({"image": x})["image"]
-        return np.asarray(out.detach().cpu().numpy() if isinstance(out, Tensor) else out)
-
-def working_pixdim(config: DataConfig, task: str | None) -> list[float] | None:
-    """The spacing (tensor axis order) a case is resampled to: the task's `pixdim`, or for an unnamed task the one
-    spacing all tasks share (else native)."""
-    pixdim = config.pixdim or {}
-    if task is not None: return pixdim.get(task.split(":", 1)[0])
-    spacings = {tuple(v) for v in pixdim.values()}
-    return list(spacings.pop()) if len(spacings) == 1 else None
+        return self.preprocessing.restore(maps, self.reference)
 
 # per input file (268M voxels, 1 GiB as float32; a 768³ volume is over it): `--max-voxels` raises it
 MAX_VOXELS = 2**28
@@ -201,16 +189,10 @@ def load_volume(path: str | os.PathLike, config: DataConfig, in_channels: int = 
     if bad: raise AmalgamError(f"{path}: contains {bad} NaN/inf voxel(s)")
     image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(affine),
                        meta={"filename_or_obj": str(path), "original_affine": affine, "spatial_shape": shape[:3]})
-    ts = [EnsureChannelFirstd("image", channel_dim="no_channel" if len(shape) == 3 else -1)]
-    if config.orientation: ts.append(Orientationd("image", axcodes=config.orientation, labels=None))
-    pixdim = working_pixdim(config, task)
-    # MONAI's axes are the file's: reversed
-    if pixdim: ts.append(Spacingd("image", pixdim=list(pixdim)[::-1], mode="bilinear"))
-    transform = Compose(ts)
-    image = transform({"image": image})["image"]
-    raw = image.as_tensor().float()
-    volume = raw.permute(0, *range(raw.ndim - 1, 0, -1)).contiguous()
-    return ScanVolume(path, nifti, volume, tensor_affine(image.affine.numpy()), image, transform)
+    image = EnsureChannelFirstd("image", channel_dim="no_channel" if len(shape) == 3 else -1)({"image": image})["image"]
+    prep = Preprocessing.of(config, task)  # the very steps a training case of this task went through
+    volume, affine, reference = prep(image)
+    return ScanVolume(path, nifti, volume, affine, reference, prep)
 
 
 # %% ../nbs/12c_predict.ipynb

@@ -26,8 +26,8 @@ from .bundles import class_label_values, open_bundle
 from .run import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
-__all__ = ['MASK_BACKGROUND', 'voxel_to_world', 'world_to_voxel', 'tensor_affine', 'SegmentationResult', 'TaskSegmentation',
-           'label_map', 'Segmenter']
+__all__ = ['MASK_BACKGROUND', 'voxel_to_world', 'world_to_voxel', 'SegmentationResult', 'TaskSegmentation', 'label_map',
+           'Segmenter']
 
 # %% ../nbs/12_segmenter.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -49,14 +49,6 @@ def world_to_voxel(points_mm, affine) -> np.ndarray:
     if abs(np.linalg.det(a[:3, :3])) < 1e-12:
         raise AmalgamError("affine: singular (zero voxel size?), cannot map world to voxel coordinates")
     return (p @ np.linalg.inv(a).T)[:, :3]
-
-def tensor_affine(nifti_affine) -> np.ndarray:
-    """The affine of a NIfTI's array in tensor axis order (spatial axes reversed, as nnU-Net's readers give them) from
-    nibabel's affine."""
-    a = np.asarray(nifti_affine, dtype=np.float64)
-    perm = np.zeros((4, 4)); perm[3, 3] = 1
-    for i in range(3): perm[2 - i, i] = 1  # tensor index (z, y, x) -> nibabel index (x, y, z)
-    return a @ perm
 
 # %% ../nbs/12_segmenter.ipynb
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .config import AmalgamError, atomic_path
-from .segmenter import tensor_affine
+from .data import tensor_affine
 
 # %% auto 0
 __all__ = ['PromptState', 'save_mask', 'PromptSegmenter']

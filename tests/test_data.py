@@ -123,15 +123,21 @@ def test_phantom_volumes_in_tensor_axis_order(ds, bench):
 
 
 def test_reoriented_multichannel_volumes_keep_world_coordinates(tiny):
-    ds = MultiTaskDataset([tiny[0]], "train", DataConfig(), root=tiny[1])
-    item = ds[0]
+    config3d = DataConfig(spatial_dims=3, patch_size=(64, 64, 64))
+    item = MultiTaskDataset([tiny[0]], "train", config3d, root=tiny[1])[0]
     assert item["image"].shape == (2, 18, 20, 16)   # RAS voxel order (k, i, j) of the file, reversed
     assert item["spacing"] == pytest.approx((1.0, 1.5, 2.0))
     np.testing.assert_array_equal(np.sign(item["affine"][:3, :3]), [[0, 0, 1], [0, 1, 0], [1, 0, 0]])  # RAS, axes reversed
     world_check(item)
-    native = MultiTaskDataset([tiny[0]], "train", DataConfig(orientation=None), root=tiny[1])[0]
+    native = MultiTaskDataset([tiny[0]], "train", DataConfig(spatial_dims=3, patch_size=(64, 64, 64), orientation=None),
+                              root=tiny[1])[0]
     assert native["image"].shape == (2, 16, 18, 20)   # the file's voxel order, reversed (nnU-Net's reader order)
     world_check(native)
+    # a 2D model slices through-plane, as nnU-Net's 2D configuration does: the 2 mm axis comes first
+    flat = MultiTaskDataset([tiny[0]], "train", DataConfig(), root=tiny[1])[0]
+    assert flat["image"].shape == (2, 16, 18, 20) and flat["spacing"] == pytest.approx((2.0, 1.0, 1.5))
+    np.testing.assert_array_equal(flat["image"], item["image"].permute(0, 3, 1, 2))
+    world_check(flat)
 
 
 def test_working_spacing_resamples(bench):

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from amalgam.config import AmalgamError, write_json
-from amalgam.data import DataConfig, box_from_mask, center_click
+from amalgam.data import DataConfig, box_from_mask, center_click, tensor_affine
 from amalgam.evaluation import EVAL_MODES, prompted_segmentation
 from amalgam.experts import ExpertBank, save_model_folder
 from amalgam.losses import LossConfig
 from amalgam.model import KA2ERConfig, build_model
 from amalgam.prompts import Prompts
 from amalgam.run import best_mask, multimask_for
-from amalgam.segmenter import Segmenter, tensor_affine, voxel_to_world, world_to_voxel
+from amalgam.segmenter import Segmenter, voxel_to_world, world_to_voxel
 from amalgam.train import TrainConfig
 from tiny_experts import tiny_test_expert
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from amalgam.config import AmalgamError
-from amalgam.segmenter import tensor_affine, voxel_to_world
+from amalgam.data import tensor_affine
+from amalgam.segmenter import voxel_to_world
 from amalgam.widgets import PromptSegmenter, PromptState, save_mask
 
 SHAPE = (5, 6, 7)
