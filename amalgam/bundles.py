@@ -114,7 +114,8 @@ def _card_markdown(card: Mapping) -> str:
     if ev:
         lines += ["", f"Evaluation ({Path(ev['report']).name}, method {ev['method']}), "
                       "mean Dice over (case, class) pairs:", ""]
-        modes = list(ev["mean_dice"]); tasks = sorted({t for m in modes for t in ev["mean_dice"][m]})
+        modes = list(ev["mean_dice"])
+        tasks = sorted({t for m in modes for t in ev["mean_dice"][m]})
         lines += ["| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
         lines += [f"| {t} | " + " | ".join(str(ev["mean_dice"][m].get(t, "")) for m in modes) + " |" for t in tasks]
     git = card["git"]
@@ -125,14 +126,19 @@ def _card_markdown(card: Mapping) -> str:
 # %% ../nbs/11b_bundles.ipynb
 def _write_member(z: zipfile.ZipFile, name: str, data: bytes | Path) -> str:
     "Write one member (bytes, or a file streamed from disk) with a fixed timestamp; returns its sha256."
-    info = zipfile.ZipInfo(name, _ZIP_TIME); info.compress_type = zipfile.ZIP_DEFLATED
+    info = zipfile.ZipInfo(name, _ZIP_TIME)
+    info.compress_type = zipfile.ZIP_DEFLATED
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     h = hashlib.sha256()
     with z.open(info, "w") as out:
-        if isinstance(data, bytes): h.update(data); out.write(data)
+        if isinstance(data, bytes):
+            h.update(data)
+            out.write(data)
         else:
             with open(data, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk); out.write(chunk)
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                    out.write(chunk)
     return h.hexdigest()
 
 def export_bundle(run_dir: str | os.PathLike, zip_path: str | os.PathLike, evaluation: str | os.PathLike | None = None,
@@ -150,7 +156,8 @@ def export_bundle(run_dir: str | os.PathLike, zip_path: str | os.PathLike, evalu
     for s in cfg["experts"]:
         files.update(_expert_members(s, run_dir))
         experts.append({**s, "folder": f"../experts/{s['name']}", "exported_from": str(expert_folder(s, run_dir))})
-    weights = io.BytesIO(); torch.save({"model": final["model"], "step": final.get("step")}, weights)
+    weights = io.BytesIO()
+    torch.save({"model": final["model"], "step": final.get("step")}, weights)
     card = model_card(run_dir, evaluation)
     as_json = lambda obj: json.dumps(obj, indent=2, sort_keys=True).encode()
     files.update({"run/config.json": as_json({**cfg, "experts": experts}), "run/model.pt": weights.getvalue(),
@@ -220,7 +227,8 @@ def open_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike | None = No
         raise AmalgamError(f"{dest}: exists and is not an unpacked bundle; choose another folder")
     with atomic_dir(dest, overwrite=dest.exists()) as tmp:  # only an unpacked bundle (checked above) is replaced
         for name, blob in data.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True); (tmp / name).write_bytes(blob)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(blob)
         with zipfile.ZipFile(zip_path) as z: (tmp / BUNDLE_INDEX).write_bytes(z.read(BUNDLE_INDEX))
     return dest / "run"
 

@@ -129,7 +129,8 @@ def tensor_affine(affine) -> np.ndarray:
     """The affine of an array in tensor axis order (spatial axes reversed, as nnU-Net's readers give them) from the
     affine of the file-order array (nibabel's, or a MONAI MetaTensor's)."""
     a = np.asarray(affine, dtype=np.float64)
-    perm = np.zeros((4, 4)); perm[3, 3] = 1
+    perm = np.zeros((4, 4))
+    perm[3, 3] = 1
     for i in range(3): perm[2 - i, i] = 1  # tensor index (z, y, x) -> file index (x, y, z)
     return a @ perm
 

@@ -48,7 +48,8 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
         res = segmenter.segment(image, points=np.stack(points), point_labels=labels, return_probability=True)
         for _ in range(n_rounds - 1):
             if (c := _corrective(res.mask, gt)) is None: break
-            points.append(c[0]); labels.append(c[1])
+            points.append(c[0])
+            labels.append(c[1])
             res = segmenter.segment(image, points=np.stack(points), point_labels=labels, return_probability=True,
                                     mask_input=_logit(res.probability))
         return res.mask
@@ -63,7 +64,9 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
         added = False
         for z in zs:
             if (c := _corrective(res.mask[z], gt[z])) is None: continue
-            clicks[z][0].append(c[0]); clicks[z][1].append(c[1]); added = True
+            clicks[z][0].append(c[0])
+            clicks[z][1].append(c[1])
+            added = True
         if not added: break
         res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True,
                                        mask_input=_logit(res.probability))

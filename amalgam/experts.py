@@ -390,7 +390,8 @@ class Expert:
 
     def to(self, device: str | torch.device) -> "Expert":
         "Move the network to `device` (in place); returns the expert."
-        self.network.to(device); return self
+        self.network.to(device)
+        return self
 
     def __repr__(self):
         return (f"Expert({self.name!r}, task={self.task!r}, {self.spatial_dims}D {self.configuration}, "

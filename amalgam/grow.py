@@ -43,13 +43,18 @@ def grow_state(old: Mapping[str, Tensor], old_classes: Sequence[str], new: KA2ER
     report = {"copied": [], "by_class": [], "fresh": []}
     for k, v in state.items():
         if k not in old:
-            report["fresh"].append(k); continue
+            report["fresh"].append(k)
+            continue
         if tuple(old[k].shape) == tuple(v.shape) and not CLASS_TENSORS.fullmatch(k):
-            state[k] = old[k].clone(); report["copied"].append(k); continue
+            state[k] = old[k].clone()
+            report["copied"].append(k)
+            continue
         if not CLASS_TENSORS.fullmatch(k) or old[k].shape[1:] != v.shape[1:] or len(old[k]) != len(old_classes):
             raise AmalgamError(f"grow_state: {k} is {tuple(old[k].shape)} in the trained model and {tuple(v.shape)} "
                                "in the grown one; only class-indexed tensors may grow")
-        state[k] = v.clone(); state[k][index] = old[k]; report["by_class"].append(k)
+        state[k] = v.clone()
+        state[k][index] = old[k]
+        report["by_class"].append(k)
     return state, report
 
 # %% ../nbs/11d_grow.ipynb

@@ -328,7 +328,8 @@ def _parse_cases(items, n_channels: int, file: str, out: list) -> list:
     for i, c in enumerate(items or []):
         where = f"cases[{i}]: "
         if not isinstance(c, dict):
-            out.append(Problem(file, f"{where}must be a mapping {{id, images, label}}")); continue
+            out.append(Problem(file, f"{where}must be a mapping {{id, images, label}}"))
+            continue
         _check_keys(c, CASE_KEYS, where, file, out)
         cid = str(c.get("id", ""))
         if cid in seen: out.append(Problem(file, f"{where}duplicate case id {cid!r}"))
@@ -347,7 +348,8 @@ def _parse_cases(items, n_channels: int, file: str, out: list) -> list:
 def _check_labels(labels: Mapping, file: str, out: list) -> None:
     vals = list(labels.values())
     if any(isinstance(v, bool) or not isinstance(v, int) for v in vals):
-        out.append(Problem(file, f"labels: values must be integers, got {dict(labels)}")); return
+        out.append(Problem(file, f"labels: values must be integers, got {dict(labels)}"))
+        return
     if labels.get("background") != 0: out.append(Problem(file, "labels: 'background' must be 0 (nnU-Net requires it)"))
     if sorted(vals) != list(range(len(vals))):
         out.append(Problem(file, f"labels: values must be the consecutive integers 0..{len(vals) - 1} "
@@ -370,7 +372,9 @@ def _check_split(split: Mapping, case_ids: list, file: str, out: list, listed: b
     if (distinct and not (twice or unknown or missing) and isinstance(split.get("seed"), int)
             and isinstance(split.get("fractions"), dict)):
         try: expected = split_cases(case_ids, split["seed"], split["fractions"])
-        except AmalgamError as e: out.append(Problem(file, f"split: {e}")); return lists
+        except AmalgamError as e:
+            out.append(Problem(file, f"split: {e}"))
+            return lists
         if {s: sorted(v) for s, v in lists.items()} != expected:
             out.append(Problem(file, f"split: lists differ from split_cases(seed={split['seed']}, "
                                      f"fractions={split['fractions']}); regenerate them with split_cases"))
@@ -443,9 +447,12 @@ MAX_LABEL_VALUE = 2**31 - 1  # source label values are stored as int32 at most
 def _check_source(source: Mapping, labels: Mapping, file: str, out: list) -> None:
     kind = source.get("kind")
     if not isinstance(kind, str):
-        out.append(Problem(file, "source: missing 'kind' (one of phantom, msd, nnunet_raw, folder, pip_sdist)")); return
+        out.append(Problem(file, "source: missing 'kind' (one of phantom, msd, nnunet_raw, folder, pip_sdist)"))
+        return
     try: reg = _registered(kind)
-    except AmalgamError as e: out.append(Problem(file, f"source: {e}")); return
+    except AmalgamError as e:
+        out.append(Problem(file, f"source: {e}"))
+        return
     if reg.keys is not None:
         spec = {k: (t, k in reg.required or k == "kind") for k, t in {**COMMON_SOURCE_KEYS, **reg.keys}.items()}
         _check_keys(source, spec, "source: ", file, out)
@@ -540,7 +547,8 @@ def _read(path: Path, out: list) -> tuple | None:
         img = nib.load(str(path))
         return np.asanyarray(img.dataobj), img.affine
     except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...) for a broken file
-        out.append(Problem(str(path), f"unreadable as NIfTI ({type(e).__name__}: {e})")); return None
+        out.append(Problem(str(path), f"unreadable as NIfTI ({type(e).__name__}: {e})"))
+        return None
 
 def _case_problems(m: Manifest, case: Case, root: Path) -> list:
     out: list[Problem] = []
@@ -553,9 +561,12 @@ def _case_problems(m: Manifest, case: Case, root: Path) -> list:
         if p.exists() and not p.resolve().is_relative_to(root.resolve()):
             out.append(Problem(str(p), f"symlink to {p.resolve()}, outside the source folder {root} "
                                        f"({what} of case {case.id}); copy the file in instead"))
-            arrays.append(None); continue
+            arrays.append(None)
+            continue
         if not p.is_file():
-            out.append(Problem(str(p), f"missing file ({what} of case {case.id})")); arrays.append(None); continue
+            out.append(Problem(str(p), f"missing file ({what} of case {case.id})"))
+            arrays.append(None)
+            continue
         got = sha256_file(p)
         if got != ref.sha256:
             out.append(Problem(str(p), f"sha256 mismatch: manifest says {ref.sha256[:12]}..., file has {got[:12]}..."))
@@ -667,14 +678,16 @@ def _write_case(m: Manifest, case: Case, root: Path, out: Path) -> dict:
     images, label = _layout(m, case)
     written = {}
     for ref, rel in zip(case.images, images):
-        atomic_write(out / rel, _verified_bytes(root / ref.path, ref.sha256)); written[rel] = ref.sha256
+        atomic_write(out / rel, _verified_bytes(root / ref.path, ref.sha256))
+        written[rel] = ref.sha256
     data = _verified_bytes(root / case.label.path, case.label.sha256)
     if m.source.get("label_values"):
         (out / label).parent.mkdir(parents=True, exist_ok=True)
         nib.save(_remapped_label(data, case.label.path, m), str(out / label))
         written[label] = sha256_file(out / label)
     else:
-        atomic_write(out / label, data); written[label] = case.label.sha256
+        atomic_write(out / label, data)
+        written[label] = case.label.sha256
     return written
 
 # %% ../nbs/01_manifests.ipynb
@@ -715,7 +728,8 @@ def materialize(manifest: Manifest | str | os.PathLike, nnunet_raw: str | os.Pat
     if not m.pinned:
         _pin(m, root, source)
         if _up_to_date(m, target):
-            print(f"{target}: up to date with {m.path.name} and its lock: nothing changed"); return target
+            print(f"{target}: up to date with {m.path.name} and its lock: nothing changed")
+            return target
     raise_if_problems(validate(m, root=root), str(m.path))
     if target.exists() and not overwrite:
         raise AmalgamError(f"{target}: exists but differs from {m.path} "
@@ -802,7 +816,8 @@ def _convert_msd(folder: Path, out: Path, source: Mapping) -> None:
     if missing:
         raise AmalgamError(f"{folder}: files listed in dataset.json are missing: "
                            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    (out / "imagesTr").mkdir(parents=True); (out / "labelsTr").mkdir()
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
     for image, label in pairs:
         split_4d_nifti(str(image), str(out / "imagesTr"))
         shutil.copyfile(label, out / "labelsTr" / label.name)

@@ -30,7 +30,8 @@ class _Coords(list):
     """Three coordinate arrays (x, y, z in units of half the smallest field-of-view extent) plus the unwarped 1-D axes
     used to find bounding boxes."""
     def __init__(self, arrays, axes1d, margin=0.0):
-        super().__init__(arrays); self.axes1d, self.margin = axes1d, margin
+        super().__init__(arrays)
+        self.axes1d, self.margin = axes1d, margin
 
     def box(self, centre, extent):
         """Index slices of the voxels whose coordinates can lie within `extent` of `centre` (the warp shifts them by at
@@ -452,7 +453,8 @@ def nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     "Reproducible `.nii.gz` bytes of `array` (stored in its own dtype, unscaled) with `affine` as sform and qform."
     img = nib.Nifti1Image(array, affine)
     img.header.set_data_dtype(array.dtype)
-    img.set_sform(affine, code=1); img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
@@ -502,7 +504,8 @@ def generate_task(task: str | PhantomTask, out_root: str | os.PathLike, seed: in
         if skip_existing and all((out_root / r).is_file() for r in rel):
             written.append({"id": case_id(t, i), "image": rel[0], "label": rel[1],
                             "image_sha256": sha256_file(out_root / rel[0]),
-                            "label_sha256": sha256_file(out_root / rel[1])}); continue
+                            "label_sha256": sha256_file(out_root / rel[1])})
+            continue
         image, label, affine = generate_case(t, i, seed, shape)
         blobs = [nifti_gz_bytes(image, affine), nifti_gz_bytes(label, affine)]
         for r, b in zip(rel, blobs): atomic_write(out_root / r, b)

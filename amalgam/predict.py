@@ -246,7 +246,8 @@ def case_prompts(spec: Mapping, where: str, case: ScanVolume) -> dict:
     if points is not None: points = into(points)
     # the box's 8 corners, then their bounding box on the working grid (axes may be flipped or oblique)
     if box is not None:
-        v = into(corners(box)); box = np.stack([v.min(0), v.max(0)])
+        v = into(corners(box))
+        box = np.stack([v.min(0), v.max(0)])
     return {"points": points, "point_labels": labels, "box": box, "task": spec.get("task")}
 
 # %% ../nbs/12c_predict.ipynb

@@ -162,7 +162,8 @@ def pretrain_foundation(out_path: str | os.PathLike,
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         lrs.append(opt.param_groups[0]["lr"])
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         losses.append(loss.item())
         if progress: bar.set_postfix(loss=f"{losses[-1]:.4f}")
     params = dict(spatial_dims=spatial_dims, in_channels=in_channels, feature_size=feature_size,

@@ -162,7 +162,8 @@ class _EncodingCache:
         return self._d[key][0]
     def put(self, key, value, nbytes: int):
         if nbytes > self.max_bytes or key in self._d: return
-        self._d[key] = (value, nbytes); self.bytes += nbytes
+        self._d[key] = (value, nbytes)
+        self.bytes += nbytes
         while self.bytes > self.max_bytes: self.bytes -= self._d.popitem(last=False)[1][1]
 
 def _window_key(w: Tensor) -> bytes:
@@ -349,7 +350,9 @@ class Segmenter:
     def tasks(self) -> dict[str, list[str]]:
         "Task -> class names of the class vocabulary (what automatic mode can segment)."
         out: dict[str, list[str]] = {}
-        for n in self.model.class_names: t, c = n.split(":", 1); out.setdefault(t, []).append(c)
+        for n in self.model.class_names:
+            t, c = n.split(":", 1)
+            out.setdefault(t, []).append(c)
         return out
 
     @property

@@ -181,7 +181,9 @@ def teacher_targets(batch: Batch, logits: Mapping[str, Tensor], experts: ExpertB
     probs, weights, seen = [], [], dict.fromkeys(rows, 0)
     for i, (t, value) in enumerate(zip(batch.task, batch.class_value)):
         if t not in experts_of:
-            probs.append(torch.zeros_like(batch.target[i:i + 1])); weights.append(probs[-1]); continue
+            probs.append(torch.zeros_like(batch.target[i:i + 1]))
+            weights.append(probs[-1])
+            continue
         n = experts_of[t]
         z = logits[n][seen[n]:seen[n] + 1].float()
         probs.append(teacher_probability(z, [teacher_channel(experts[n], value)], temperature))
@@ -414,12 +416,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _append_metrics(path: Path, record: Mapping) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n"); f.flush(); os.fsync(f.fileno())
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 def _reduce_mean(values: dict[str, Tensor], ctx: DistContext) -> dict[str, float]:
     "Mean of the per-rank loss terms over all ranks (each rank holds an equal share of the global batch)."
     t = torch.stack([values[k].float() for k in values]).to(ctx.device)
-    if ctx.distributed: dist.all_reduce(t); t /= ctx.world_size
+    if ctx.distributed:
+        dist.all_reduce(t)
+        t /= ctx.world_size
     return {k: float(v) for k, v in zip(values, t.cpu())}
 
 # %% ../nbs/11_train.ipynb
@@ -517,7 +523,8 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     if init_state is not None and ckpt is None: _init_weights(module, init_state, init_source, ctx)
     if ckpt is not None:
         load_state(module, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"]); scheduler.load_state_dict(ckpt["scheduler"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -545,7 +552,8 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
         terms = train_step(s, batch, step)
         norm = torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), train_config.grad_clip or math.inf)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step(); scheduler.step()
+        optimizer.step()
+        scheduler.step()
         window, n_window = window + time.perf_counter() - t_step, n_window + 1
         done = step + 1
         if done % train_config.log_every == 0 or done == train_config.steps:

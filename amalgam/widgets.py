@@ -148,7 +148,8 @@ def save_mask(mask: np.ndarray, path: str | os.PathLike, affine: np.ndarray | No
     path = Path(path)
     if not path.name.endswith((".nii", ".nii.gz")): raise AmalgamError(f"{path}: mask files end in .nii or .nii.gz")
     img = nib.Nifti1Image(np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0)), tensor_affine(affine))
-    img.set_qform(img.affine, code=1); img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     # the temporary name keeps the suffix nibabel picks compression by
     with atomic_path(path) as tmp: nib.save(img, tmp)
