@@ -349,7 +349,8 @@ class AmalgamationLayer(nn.Module):
 # %% ../nbs/05_amalgamation.ipynb
 def _own_channels(weights: Mapping[int, Tensor], own: Tensor, what: str) -> Tensor:
     "Check `own` (B channel indices into the K experts of `weights`, -1: none); returns it as long on their device."
-    if not weights: raise AmalgamError(f"{what}: no expert weights (a baseline model has none)")
+    if not weights:
+        raise AmalgamError(f"{what}: no expert weights (a baseline model has none)")
     w = next(iter(weights.values()))
     batch, k = w.shape[0], w.shape[1] - 1
     integer = isinstance(own, Tensor) and not own.dtype.is_floating_point and own.dtype != torch.bool

@@ -24,13 +24,15 @@ MODALITIES = ("CT", "MR")
 def to_uint8(image: np.ndarray, modality: str, ct_window: tuple[float, float] = (40.0, 400.0)) -> np.ndarray:
     """MedSAM's preprocessing of raw intensities to `uint8` [0, 255]: CT window `(level, width)` in HU; MR 0.5-99.5
     percentiles of the non-zero voxels."""
-    if modality not in MODALITIES: raise AmalgamError(f"modality: expected one of {MODALITIES}, got {modality!r}")
+    if modality not in MODALITIES:
+        raise AmalgamError(f"modality: expected one of {MODALITIES}, got {modality!r}")
     x = np.asarray(image, dtype=np.float64)
     if not x.size or not np.isfinite(x).all():
         raise AmalgamError(f"image: expected a non-empty array of finite intensities, got shape {x.shape}")
     if modality == "CT":
         level, width = (float(v) for v in ct_window)
-        if width <= 0: raise AmalgamError(f"ct_window: width must be positive, got {ct_window!r}")
+        if width <= 0:
+            raise AmalgamError(f"ct_window: width must be positive, got {ct_window!r}")
         lo, hi = level - width / 2, level + width / 2
     else:
         fg = x[x != 0]
@@ -135,7 +137,8 @@ class LiteMedSAM:
                       ) -> np.ndarray:
         "Segment one slice from a box; the intensity window is computed on this slice alone. Returns bool `H x W`."
         img = np.asarray(image2d.cpu() if isinstance(image2d, Tensor) else image2d)
-        if img.ndim != 2: raise AmalgamError(f"image2d: expected an H x W slice, got shape {img.shape}")
+        if img.ndim != 2:
+            raise AmalgamError(f"image2d: expected an H x W slice, got shape {img.shape}")
         return self._segment_uint8(to_uint8(img, modality, ct_window or self.ct_window), check_box(box, img.shape))
 
     def segment_volume(self,

@@ -180,19 +180,23 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
 
 def _checked_members(zip_path: Path) -> dict[str, bytes]:
     "Every member of the bundle `zip_path`, read and checked (see the section's text); raises `AmalgamError`."
-    if not zip_path.is_file(): raise AmalgamError(f"{zip_path}: bundle not found")
+    if not zip_path.is_file():
+        raise AmalgamError(f"{zip_path}: bundle not found")
     try:
         with zipfile.ZipFile(zip_path) as z:
             infos = [i for i in z.infolist() if not i.is_dir()]
             bad = [(i.filename, p) for i in z.infolist() if (p := _member_problem(i))]
-            if bad: raise AmalgamError(f"{zip_path}: member {bad[0][0]!r} is {bad[0][1]}; refused, nothing unpacked")
+            if bad:
+                raise AmalgamError(f"{zip_path}: member {bad[0][0]!r} is {bad[0][1]}; refused, nothing unpacked")
             names = [i.filename for i in infos]
-            if len(set(names)) != len(names): raise AmalgamError(f"{zip_path}: duplicate member names; refused")
+            if len(set(names)) != len(names):
+                raise AmalgamError(f"{zip_path}: duplicate member names; refused")
             claimed = sum(i.file_size for i in infos)
             if claimed > MAX_BUNDLE_BYTES:
                 raise AmalgamError(f"{zip_path}: claims {claimed / 2**30:.1f} GiB unpacked, over the limit of "
                                    f"{MAX_BUNDLE_BYTES / 2**30:.0f} GiB (MAX_BUNDLE_BYTES)")
-            if BUNDLE_INDEX not in names: raise AmalgamError(f"{zip_path}: not an amalgam bundle (no {BUNDLE_INDEX})")
+            if BUNDLE_INDEX not in names:
+                raise AmalgamError(f"{zip_path}: not an amalgam bundle (no {BUNDLE_INDEX})")
             data = {n: z.read(n) for n in names}
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         raise AmalgamError(f"{zip_path}: not a readable zip (truncated or damaged: {type(e).__name__}: {e})") from None
@@ -218,7 +222,8 @@ def open_bundle(zip_path: str | os.PathLike, dest: str | os.PathLike | None = No
     """Check the bundle `zip_path` and unpack it into `dest` (default `<workspace>/bundles/<zip sha256[:16]>`); returns
     the run folder inside it, for `load_run` / `Segmenter.from_run`. A folder that already holds it is reused."""
     zip_path = Path(zip_path)
-    if not zip_path.is_file(): raise AmalgamError(f"{zip_path}: bundle not found")
+    if not zip_path.is_file():
+        raise AmalgamError(f"{zip_path}: bundle not found")
     dest = Path(dest) if dest is not None else workspace() / "bundles" / sha256_file(zip_path)[:16]
     if dest.is_dir() and _unpacked_matches(dest, zip_path):
         return dest / "run"

@@ -51,7 +51,8 @@ def fields_from_dict(cls, d: Mapping, what: str | None = None) -> dict:
     """The entries of `d` for the dataclass `cls`; any key that is not one of its fields is an `AmalgamError` naming it,
     with a did-you-mean hint."""
     what = what or cls.__name__
-    if not isinstance(d, Mapping): raise AmalgamError(f"{what}: expected a mapping of fields, got {type(d).__name__}")
+    if not isinstance(d, Mapping):
+        raise AmalgamError(f"{what}: expected a mapping of fields, got {type(d).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
@@ -94,7 +95,8 @@ def _check_scalar_types(cls, fields: Mapping, what: str) -> None:
         v = fields[f.name]
         if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
             bad.append(f"{f.name!r} must be {f.type}, got {type(v).__name__} {v!r:.40}")
-    if bad: raise AmalgamError(f"{what}: {'; '.join(bad)}")
+    if bad:
+        raise AmalgamError(f"{what}: {'; '.join(bad)}")
 
 # %% ../nbs/00_config.ipynb
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +137,8 @@ def check_fields(config, rules: Mapping[str, Rule]) -> None:
     name = type(config).__name__
     bad = [f"{name}.{k}: expected {r.want}, got {getattr(config, k)!r}" for k, r in rules.items()
            if not r.ok(getattr(config, k))]
-    if bad: raise AmalgamError("; ".join(bad))
+    if bad:
+        raise AmalgamError("; ".join(bad))
 
 # %% ../nbs/00_config.ipynb
 def repo_root(start: str | os.PathLike | None = None) -> Path | None:
@@ -285,7 +288,8 @@ def load_weights(source: str | os.PathLike | bytes, what: str = "checkpoint", na
     from); a missing file, or one that cannot be read that way (damaged, or needing pickle), is an `AmalgamError`
     naming it and `what` it was meant to be, with `remedy` appended."""
     label = name or str(source)
-    if not isinstance(source, bytes) and not Path(source).is_file(): raise AmalgamError(f"{label}: {what} not found")
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise AmalgamError(f"{label}: {what} not found")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",

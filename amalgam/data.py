@@ -96,7 +96,8 @@ class DataConfig(DictConfig):
             raise AmalgamError(f"{name}.prompt_modes: expected a mapping of {list(PROMPT_MODES)} to probabilities, "
                                f"got {modes!r}")
         bad = [m for m in modes if m not in PROMPT_MODES]
-        if bad: raise AmalgamError(_unknown_keys(f"{name}.prompt_modes", bad, PROMPT_MODES))
+        if bad:
+            raise AmalgamError(_unknown_keys(f"{name}.prompt_modes", bad, PROMPT_MODES))
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
                for v in modes.values()) or sum(modes.values()) <= 0:
             raise AmalgamError(f"{name}.prompt_modes {dict(modes)}: weights must be non-negative numbers "
@@ -113,7 +114,8 @@ def task_classes(manifests: Sequence[Manifest | str | os.PathLike]) -> dict[str,
     "`{task: [foreground class names in label-value order]}` of `manifests`, in their order."
     out = {}
     for m in map(_manifest, manifests):
-        if m.task in out: raise AmalgamError(f"{m.path}: task {m.task!r} is given twice")
+        if m.task in out:
+            raise AmalgamError(f"{m.path}: task {m.task!r} is given twice")
         out[m.task] = [n for n, v in sorted(m.labels.items(), key=lambda kv: kv[1]) if v != 0]
     return out
 
@@ -223,7 +225,8 @@ class _Case:
 
 def _header(path: str) -> tuple:
     "(shape, affine) of a NIfTI file without reading its voxels."
-    if not Path(path).is_file(): raise AmalgamError(f"{path}: missing file")
+    if not Path(path).is_file():
+        raise AmalgamError(f"{path}: missing file")
     try: img = nib.load(path)
     except Exception as e:  # nibabel raises many types
         raise AmalgamError(f"{path}: unreadable as NIfTI ({type(e).__name__}: {e})") from e
@@ -240,13 +243,17 @@ def _check_geometry(entry: dict) -> None:
             raise AmalgamError(f"{p}: shape {shape} differs from {p0} shape {shape0} (image/label shape mismatch)")
         if not np.allclose(aff, aff0, rtol=1e-4, atol=1e-3):
             raise AmalgamError(f"{p}: affine differs from {p0} (spacing/origin/direction must match)")
-    if len(shape0) != 3: raise AmalgamError(f"{p0}: expected a 3D volume, got shape {shape0}")
+    if len(shape0) != 3:
+        raise AmalgamError(f"{p0}: expected a 3D volume, got shape {shape0}")
 
 def _check_label(path: str, label: np.ndarray, labels: Mapping[str, int]) -> None:
-    if not np.isfinite(label).all(): raise AmalgamError(f"{path}: label holds non-finite values")
-    if not np.array_equal(label, np.round(label)): raise AmalgamError(f"{path}: label holds non-integer values")
+    if not np.isfinite(label).all():
+        raise AmalgamError(f"{path}: label holds non-finite values")
+    if not np.array_equal(label, np.round(label)):
+        raise AmalgamError(f"{path}: label holds non-integer values")
     extra = sorted(set(np.unique(label).astype(np.int64).tolist()) - set(labels.values()))
-    if extra: raise AmalgamError(f"{path}: label value(s) {extra} not in the manifest's labels {dict(labels)}")
+    if extra:
+        raise AmalgamError(f"{path}: label value(s) {extra} not in the manifest's labels {dict(labels)}")
 
 def _class_locations(label: np.ndarray, values: Sequence[int]) -> dict:
     "Up to `MAX_LOCATIONS` voxel indices of each present class, evenly spread over the class's voxels in memory order."
@@ -268,7 +275,8 @@ def _load_case(entry: dict, labels: Mapping[str, int], prep: Preprocessing) -> _
     except Exception as e: raise AmalgamError(f"case {entry['case_id']} ({entry['images']}): cannot load ({e})") from e
     for c, p in enumerate(entry["images"]):
         bad = int((~torch.isfinite(d["image"].as_tensor()[c])).sum())
-        if bad: raise AmalgamError(f"{p}: {bad} non-finite voxel(s) (NaN/inf) in the image")
+        if bad:
+            raise AmalgamError(f"{p}: {bad} non-finite voxel(s) (NaN/inf) in the image")
     _check_label(entry["label"], d["label"].as_tensor().numpy(), labels)
     d = prep.case_transform(d)
     image, affine = prep.to_model(d["image"].as_tensor().float(), d["image"].affine.numpy())
@@ -290,7 +298,8 @@ class MultiTaskDataset:
             raise AmalgamError(f"config: expected a DataConfig, got {type(config).__name__}")
         if isinstance(manifests, (str, os.PathLike, Manifest)): manifests = [manifests]
         self.manifests = [_manifest(m) for m in manifests]
-        if not self.manifests: raise AmalgamError("manifests: none given")
+        if not self.manifests:
+            raise AmalgamError("manifests: none given")
         self.classes = task_classes(self.manifests)
         self.tasks = list(self.classes)
         self.split, self.config = split, config
@@ -304,7 +313,8 @@ class MultiTaskDataset:
         self._cases: list[_Case] = []
         for m in self.manifests:
             entries = datalist(m, split, nnunet_raw_dir(root) / m.dataset_folder_name)
-            if not entries: raise AmalgamError(f"{m.path}: split {split!r} of task {m.task!r} has no cases")
+            if not entries:
+                raise AmalgamError(f"{m.path}: split {split!r} of task {m.task!r} has no cases")
             prep = Preprocessing.of(config, m.task)
             self._cases += [_load_case(e, m.labels, prep) for e in entries]
         self.labels = {m.task: dict(m.labels) for m in self.manifests}
@@ -329,7 +339,8 @@ class MultiTaskDataset:
 # %% ../nbs/08_data.ipynb
 def _bool_mask(mask, name: str = "mask") -> np.ndarray:
     m = mask.detach().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
-    if m.ndim not in (2, 3): raise AmalgamError(f"{name}: expected a 2D or 3D mask, got shape {m.shape}")
+    if m.ndim not in (2, 3):
+        raise AmalgamError(f"{name}: expected a 2D or 3D mask, got shape {m.shape}")
     return m.astype(bool, copy=False)
 
 def _pick(indices: np.ndarray, n: int, rng_: np.random.Generator) -> np.ndarray:
@@ -346,7 +357,8 @@ def sample_points(mask, n_pos: int, n_neg: int, rng: np.random.Generator) -> tup
     for n, region, what in ((n_pos, m, "foreground"), (n_neg, ~m, "background")):
         if not n: continue
         idx = np.argwhere(region)
-        if not len(idx): raise AmalgamError(f"sample_points: the mask has no {what} voxel to place {n} click(s) in")
+        if not len(idx):
+            raise AmalgamError(f"sample_points: the mask has no {what} voxel to place {n} click(s) in")
         coords.append(_pick(idx, n, rng))
     pts = np.concatenate(coords) if coords else np.zeros((0, m.ndim), np.int64)
     return torch.from_numpy(pts.astype(np.float32)), torch.tensor([1] * n_pos + [0] * n_neg, dtype=torch.long)
@@ -355,9 +367,11 @@ def box_from_mask(mask, jitter: float, rng: np.random.Generator | None) -> Tenso
     """Box `2 x d` (inclusive min and max voxel corner) around `mask`; with `rng`, each edge moves outward by
     U(0, `jitter` x box size), clipped to the image (MedSAM)."""
     m = _bool_mask(mask)
-    if not 0 <= jitter <= 1: raise AmalgamError(f"box_from_mask: jitter must be in [0, 1], got {jitter}")
+    if not 0 <= jitter <= 1:
+        raise AmalgamError(f"box_from_mask: jitter must be in [0, 1], got {jitter}")
     idx = np.argwhere(m)
-    if not len(idx): raise AmalgamError("box_from_mask: empty mask, there is no object to box")
+    if not len(idx):
+        raise AmalgamError("box_from_mask: empty mask, there is no object to box")
     lo, hi = idx.min(0).astype(np.float64), idx.max(0).astype(np.float64)
     if rng is not None and jitter > 0:
         size = hi - lo + 1
@@ -388,7 +402,8 @@ def corrective_click(pred, target, rng: np.random.Generator | None = None) -> tu
 def center_click(mask) -> Tensor:
     "The voxel of `mask` farthest from its boundary (ties: the one nearest their mean): a deterministic first click."
     m = _bool_mask(mask)
-    if not m.any(): raise AmalgamError("center_click: empty mask, there is no object to click on")
+    if not m.any():
+        raise AmalgamError("center_click: empty mask, there is no object to click on")
     return torch.from_numpy(_interior_point(m, None).astype(np.float32))
 
 # %% ../nbs/08_data.ipynb
@@ -449,7 +464,8 @@ class BatchStream:
         self.vocabulary = {t: list(cs) for t, cs in (tasks if tasks is not None else dataset.classes).items()}
         names = [f"{t}:{c}" for t, cs in self.vocabulary.items() for c in cs]
         missing = [f"{t}:{c}" for t, cs in dataset.classes.items() for c in cs if f"{t}:{c}" not in names]
-        if missing: raise AmalgamError(f"tasks: the class vocabulary lacks {missing} of the dataset")
+        if missing:
+            raise AmalgamError(f"tasks: the class vocabulary lacks {missing} of the dataset")
         self._cases = {t: [i for i in dataset.cases_of(t) if dataset._cases[i].locations] for t in dataset.tasks}
         empty = [t for t, cs in self._cases.items() if not cs]
         if empty:
@@ -479,7 +495,8 @@ class BatchStream:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
         "Batch `step`: elements `rank::world_size` of the global batch of `config.batch_size` elements."
-        if not is_int(step) or step < 0: raise AmalgamError(f"step: expected a non-negative integer, got {step!r}")
+        if not is_int(step) or step < 0:
+            raise AmalgamError(f"step: expected a non-negative integer, got {step!r}")
         if not is_int(world_size) or not 1 <= world_size <= self.config.batch_size:
             raise AmalgamError(f"world_size {world_size!r}: expected 1..batch_size ({self.config.batch_size}) "
                                "so that every rank gets an element")

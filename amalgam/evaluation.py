@@ -32,7 +32,8 @@ def _corrective(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int] | No
 def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class_name: str) -> np.ndarray:
     """The uint8 mask (tensor axis order) `segmenter` gives `image` in evaluation `mode` (one of `EVAL_MODES`), prompts
     simulated from the bool `gt_mask` of `class_name` ('task:class')."""
-    if mode not in EVAL_MODES: raise AmalgamError(f"mode {mode!r}: expected one of {EVAL_MODES}")
+    if mode not in EVAL_MODES:
+        raise AmalgamError(f"mode {mode!r}: expected one of {EVAL_MODES}")
     gt = np.asarray(gt_mask).astype(bool)
     if gt.shape != tuple(np.shape(image)[1:]):
         raise AmalgamError(f"gt_mask: shape {gt.shape} differs from the image's spatial shape "

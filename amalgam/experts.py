@@ -320,7 +320,8 @@ def _normalizer_classes(schemes: Sequence[str]) -> list[type]:
     found = [recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "preprocessing", "normalization"), s,
                                          "nnunetv2.preprocessing.normalization") for s in schemes]
     missing = [s for s, c in zip(schemes, found) if c is None]
-    if missing: raise AmalgamError(f"plans: unknown nnU-Net normalization scheme(s) {missing}")
+    if missing:
+        raise AmalgamError(f"plans: unknown nnU-Net normalization scheme(s) {missing}")
     return found
 
 _EPS = 1e-8  # nnU-Net's epsilon for float32 normalisation
@@ -358,7 +359,8 @@ class Expert:
 
     def __init__(self, network: nn.Module, plans: dict, dataset_json: dict, configuration: str,
                  name: str | None = None, source: str | os.PathLike | None = None, amp: str = "auto"):
-        if amp not in ("auto", "bf16", "off"): raise AmalgamError(f"amp: expected 'auto', 'bf16' or 'off', got {amp!r}")
+        if amp not in ("auto", "bf16", "off"):
+            raise AmalgamError(f"amp: expected 'auto', 'bf16' or 'off', got {amp!r}")
         self.amp = amp
         self.source = Path(source) if source is not None else None
         where = str(self.source or "expert")
@@ -421,7 +423,8 @@ class Expert:
             got = tuple(stats.shape) if isinstance(stats, torch.Tensor) else type(stats).__name__
             raise AmalgamError(f"{where}: {what}: stats must be a tensor B x C x 2 = {(len(x), self.in_channels, 2)} "
                                f"(one volume_stats row per batch element), got {got}")
-        if not torch.isfinite(stats).all(): raise AmalgamError(f"{where}: {what}: stats hold non-finite values")
+        if not torch.isfinite(stats).all():
+            raise AmalgamError(f"{where}: {what}: stats hold non-finite values")
 
     def volume_stats(self, volume: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Per channel the (mean, std) nnU-Net's preprocessing z-scores this whole case with: `C x 2` float32 on the
@@ -561,7 +564,8 @@ class Expert:
         `labels`: the label map the expert must have (e.g. a manifest's `labels`); a different one is an error.
         """
         folder = Path(path)
-        if not folder.is_dir(): raise AmalgamError(f"{folder}: model folder not found")
+        if not folder.is_dir():
+            raise AmalgamError(f"{folder}: model folder not found")
         plans, dataset_json = _read_json(folder / "plans.json", folder), _read_json(folder / "dataset.json", folder)
         fold_dir = folder / f"fold_{fold}"
         if not fold_dir.is_dir():
@@ -601,13 +605,16 @@ class Expert:
         (default `<workspace>/nnUNet_imported/<zip sha256[:16]>`). `configuration` picks one model when the zip holds
         several."""
         zp = Path(zip_path)
-        if not zp.is_file(): raise AmalgamError(f"{zp}: model zip not found")
-        if not zipfile.is_zipfile(zp): raise AmalgamError(f"{zp}: not a zip file")
+        if not zp.is_file():
+            raise AmalgamError(f"{zp}: model zip not found")
+        if not zipfile.is_zipfile(zp):
+            raise AmalgamError(f"{zp}: not a zip file")
         dest = Path(extract_to) if extract_to else workspace() / "nnUNet_imported" / sha256_file(zp)[:16]
         if not dest.is_dir():
             with zipfile.ZipFile(zp) as z:
                 bad = [n for n in z.namelist() if n.startswith(("/", "\\")) or ".." in Path(n).parts]
-                if bad: raise AmalgamError(f"{zp}: refuses to unpack members outside the target folder: {bad[:3]}")
+                if bad:
+                    raise AmalgamError(f"{zp}: refuses to unpack members outside the target folder: {bad[:3]}")
                 with atomic_dir(dest) as tmp: z.extractall(tmp)
         models = sorted(p.parent for p in dest.rglob("plans.json") if any(p.parent.glob("fold_*")))
         if configuration is not None: models = [m for m in models if m.name.rsplit("__", 1)[-1] == configuration]
@@ -654,7 +661,8 @@ size a real expert has."""
 
 # %% ../nbs/03_experts.ipynb
 def _read_json(path: Path, folder: Path) -> dict:
-    if not path.is_file(): raise AmalgamError(f"{folder}: not an nnU-Net model folder (no {path.name})")
+    if not path.is_file():
+        raise AmalgamError(f"{folder}: not an nnU-Net model folder (no {path.name})")
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from e
 
@@ -709,7 +717,8 @@ class ExpertBank:
     "K frozen experts with unique names: their feature specs, their features for one batch, and a description of each."
     def __init__(self, experts: Sequence[Expert]):
         experts = list(experts)
-        if not experts: raise AmalgamError("ExpertBank: needs at least one expert")
+        if not experts:
+            raise AmalgamError("ExpertBank: needs at least one expert")
         names = [e.name for e in experts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -723,7 +732,8 @@ class ExpertBank:
     def __len__(self) -> int: return len(self._experts)
     def __iter__(self) -> Iterator[Expert]: return iter(self._experts.values())
     def __getitem__(self, name: str) -> Expert:
-        if name not in self._experts: raise AmalgamError(f"ExpertBank: no expert {name!r} (have {self.names})")
+        if name not in self._experts:
+            raise AmalgamError(f"ExpertBank: no expert {name!r} (have {self.names})")
         return self._experts[name]
     def __repr__(self): return f"ExpertBank({self.names})"
 

@@ -108,9 +108,12 @@ def pad_to_multiple(x: Tensor, multiple: int = SWIN_DIVISOR, mode: str = "consta
                     value: float = 0.0) -> tuple[Tensor, tuple[int, ...]]:
     """Pad the spatial dims of `x` (`B x C x *spatial`) at their far end to multiples of `multiple`; returns the padded
     tensor and the original spatial shape."""
-    if mode not in _PAD_MODES: raise AmalgamError(f"pad_to_multiple: mode must be one of {_PAD_MODES}, got {mode!r}")
-    if multiple < 1: raise AmalgamError(f"pad_to_multiple: multiple must be >= 1, got {multiple!r}")
-    if x.ndim < 3: raise AmalgamError(f"pad_to_multiple: expected B x C x *spatial, got shape {tuple(x.shape)}")
+    if mode not in _PAD_MODES:
+        raise AmalgamError(f"pad_to_multiple: mode must be one of {_PAD_MODES}, got {mode!r}")
+    if multiple < 1:
+        raise AmalgamError(f"pad_to_multiple: multiple must be >= 1, got {multiple!r}")
+    if x.ndim < 3:
+        raise AmalgamError(f"pad_to_multiple: expected B x C x *spatial, got shape {tuple(x.shape)}")
     spatial = tuple(x.shape[2:])
     extra = [_round_up(s, multiple) - s for s in spatial]
     if not any(extra): return x, spatial
@@ -185,7 +188,8 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     if not isinstance(sd, Mapping) or not sd:
         raise AmalgamError(f"{path}: expected a state dict or {{'state_dict': ...}}, found {type(obj).__name__}")
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad: raise AmalgamError(f"{path}: state dict entries that are not named tensors: {bad[:5]}")
+    if bad:
+        raise AmalgamError(f"{path}: state dict entries that are not named tensors: {bad[:5]}")
     bare = [k.removeprefix("module.") for k in sd]
     ssl = not any(k.startswith(("swinViT.", "swin_vit.")) for k in bare) and any(k.startswith(_SWIN_TOP) for k in bare)
     return dict(sd), "ssl" if ssl else "plain"
@@ -199,7 +203,8 @@ def load_pretrained(model: Foundation, path: str | os.PathLike, allow_partial: b
     mapped = {}  # model key -> checkpoint key
     for key in sd:
         mk = _model_key(key, fmt == "ssl")
-        if mk in mapped: raise AmalgamError(f"{path}: keys {mapped[mk]!r} and {key!r} both map to model key {mk!r}")
+        if mk in mapped:
+            raise AmalgamError(f"{path}: keys {mapped[mk]!r} and {key!r} both map to model key {mk!r}")
         mapped[mk] = key
     cov = key_coverage(own, {mk: sd[key] for mk, key in mapped.items()})
     report = LoadReport(matched=cov.matched, missing=cov.missing, unexpected=[mapped[k] for k in cov.unexpected],

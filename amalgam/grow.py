@@ -66,7 +66,8 @@ def _new_expert(path: Path, fold: int | str, manifest, model_config: KA2ERConfig
     problems = [f"{what} {got}, the model's {want}" for what, got, want in (
         ("is", f"{e.spatial_dims}D", f"{model_config.spatial_dims}D"),
         ("takes input channels", e.in_channels, model_config.in_channels)) if got != want]
-    if problems: raise AmalgamError(f"{path}: cannot join this KA²ER: it " + "; it ".join(problems))
+    if problems:
+        raise AmalgamError(f"{path}: cannot join this KA²ER: it " + "; it ".join(problems))
     e.task = manifest.task  # a plain nnU-Net model names its task by its dataset (Dataset123_X); it serves this one
     return e
 

@@ -65,7 +65,8 @@ def segmentation_loss(logits: Tensor,  # B x 1 x *spatial mask logits
                       dice_weight: float = 1.0, ce_weight: float = 1.0) -> Tensor:
     "Per-sample `dice_weight * Dice + ce_weight * BCE-with-logits` (mean over voxels), float32, shape `B`."
     _check_pair(logits, target, "logits", "target")
-    if logits.shape[1] != 1: raise AmalgamError(f"logits: expected one channel, got shape {tuple(logits.shape)}")
+    if logits.shape[1] != 1:
+        raise AmalgamError(f"logits: expected one channel, got shape {tuple(logits.shape)}")
     with _no_autocast(logits):
         logits, target = logits.float(), target.float()
         dice = _dice(logits, target).flatten(1).mean(1)
@@ -82,10 +83,13 @@ def teacher_probability(expert_logits: Tensor,  # B x K x *spatial logits of the
         raise AmalgamError(f"expert_logits: expected B x K x *spatial with 2 or 3 spatial dims, "
                            f"got shape {tuple(expert_logits.shape)}")
     B, K = expert_logits.shape[:2]
-    if len(channels) != B: raise AmalgamError(f"channels: expected {B} values (one per sample), got {len(channels)}")
+    if len(channels) != B:
+        raise AmalgamError(f"channels: expected {B} values (one per sample), got {len(channels)}")
     bad = [int(v) for v in channels if not 0 < int(v) < K]
-    if bad: raise AmalgamError(f"channels: {bad} not a foreground channel of the expert's {K} outputs (1..{K - 1})")
-    if not temperature > 0: raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
+    if bad:
+        raise AmalgamError(f"channels: {bad} not a foreground channel of the expert's {K} outputs (1..{K - 1})")
+    if not temperature > 0:
+        raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
     idx = torch.as_tensor([int(v) for v in channels], device=expert_logits.device)
     with torch.no_grad(), _no_autocast(expert_logits):
         prob = torch.softmax(expert_logits.float() / temperature, dim=1)
@@ -109,7 +113,8 @@ def distillation_loss(logits: Tensor,  # B x 1 x *spatial student mask logits
     """Per-sample T² · mean over voxels of KL(Bernoulli(teacher_prob) ‖ Bernoulli(sigmoid(logits / T))), float32,
     shape `B`; with `weight`, the weighted mean (a sample whose weights are all 0 gets 0)."""
     _check_pair(logits, teacher_prob, "logits", "teacher_prob")
-    if not temperature > 0: raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
+    if not temperature > 0:
+        raise AmalgamError(f"temperature: must be > 0, got {temperature!r}")
     with _no_autocast(logits):
         z, p = logits.float() / temperature, teacher_prob.float().clamp(0, 1)
         # KL(p || q) = cross-entropy(p, q) - entropy(p); both written so that p in {0, 1} and saturated q stay finite

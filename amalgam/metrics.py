@@ -46,8 +46,10 @@ def case_metrics(pred,  # bool *spatial (2D or 3D) predicted mask of one class
                  ) -> dict:
     "`{'dice', 'hd95', 'nsd'}` of one binary class (distances in mm; empty-mask conventions in the table above)."
     pred, gt = _binary(pred, "pred"), _binary(gt, "gt")
-    if pred.shape != gt.shape: raise AmalgamError(f"pred: shape {pred.shape} differs from gt {gt.shape}")
-    if pred.ndim not in (2, 3): raise AmalgamError(f"pred: expected a 2D or 3D mask, got shape {pred.shape}")
+    if pred.shape != gt.shape:
+        raise AmalgamError(f"pred: shape {pred.shape} differs from gt {gt.shape}")
+    if pred.ndim not in (2, 3):
+        raise AmalgamError(f"pred: expected a 2D or 3D mask, got shape {pred.shape}")
     sp = _check_spacing(spacing, pred.ndim)
     if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
         raise AmalgamError(f"nsd_tolerance_mm: expected a number >= 0, got {nsd_tolerance_mm!r}")
@@ -73,7 +75,8 @@ def class_metrics(pred_labels,  # int *spatial predicted label map
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if pred_labels.shape != gt_labels.shape:
         raise AmalgamError(f"pred_labels: shape {pred_labels.shape} differs from gt_labels {gt_labels.shape}")
-    if not classes: raise AmalgamError("classes: empty; give {class name: label value}")
+    if not classes:
+        raise AmalgamError("classes: empty; give {class name: label value}")
     return {name: case_metrics(pred_labels == v, gt_labels == v, spacing, nsd_tolerance_mm)
             for name, v in classes.items()}
 
@@ -84,7 +87,8 @@ def _bootstrap(values, n_boot: int, alpha: float, gen: np.random.Generator) -> d
         raise AmalgamError("values: infinite entries; use nan for undefined values (they are counted, not averaged)")
     if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
         raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
-    if not 0 < alpha < 1: raise AmalgamError(f"alpha: expected a number in (0, 1), got {alpha!r}")
+    if not 0 < alpha < 1:
+        raise AmalgamError(f"alpha: expected a number in (0, 1), got {alpha!r}")
     finite = v[~np.isnan(v)]
     n, n_nan = int(finite.size), int(v.size - finite.size)
     if n == 0: return dict(mean=float("nan"), lo=float("nan"), hi=float("nan"), n=0, n_nan=n_nan)
@@ -107,7 +111,8 @@ def stratified_bootstrap_ci(groups: Mapping[str, Sequence[float]],  # group (tas
     values = {g: np.asarray(v, float) for g, v in groups.items()}
     values = {g: v[~np.isnan(v)] for g, v in values.items()}
     empty = sorted(g for g, v in values.items() if not v.size)
-    if empty or not values: raise AmalgamError(f"stratified_bootstrap_ci: groups {empty or 'none'} have no values")
+    if empty or not values:
+        raise AmalgamError(f"stratified_bootstrap_ci: groups {empty or 'none'} have no values")
     if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
         raise AmalgamError(f"n_boot: expected a positive integer, got {n_boot!r}")
     reps = np.mean([v[gen.integers(0, v.size, size=(n_boot, v.size))].mean(1) for v in values.values()], axis=0)
@@ -123,11 +128,13 @@ def summarize(records: Sequence[Mapping],  # one dict per case and class, with t
               seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> list[dict]:
     """One row per group: the `by` values, `n` (records), `ci_level`, and per metric `<m>_mean`, `<m>_lo`, `<m>_hi`,
     `<m>_n`, `<m>_n_nan`."""
-    if not records: raise AmalgamError("records: empty; nothing to summarise")
+    if not records:
+        raise AmalgamError("records: empty; nothing to summarise")
     groups: dict[tuple, list[Mapping]] = {}
     for i, r in enumerate(records):
         missing = [k for k in (*by, *metrics) if k not in r]
-        if missing: raise AmalgamError(f"records[{i}]: missing key(s) {missing} (has {sorted(r)})")
+        if missing:
+            raise AmalgamError(f"records[{i}]: missing key(s) {missing} (has {sorted(r)})")
         groups.setdefault(tuple(r[k] for k in by), []).append(r)
     rows = []
     for key, rs in groups.items():
@@ -150,7 +157,8 @@ def _class_label(row: Mapping) -> str:
 
 def _require(summary: Sequence[Mapping], metric: str) -> None:
     "Fail unless `summary` has rows with the `metric` columns."
-    if not summary: raise AmalgamError("summary: empty")
+    if not summary:
+        raise AmalgamError("summary: empty")
     if f"{metric}_mean" not in summary[0]:
         raise AmalgamError(f"summary: no {metric!r} columns (has {sorted(summary[0])}); "
                            f"summarize(..., metrics=[{metric!r}]) first")

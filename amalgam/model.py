@@ -84,12 +84,14 @@ class KA2ERConfig(DictConfig):
         for t, cs in self.tasks.items():
             if not t or ":" in t:
                 raise AmalgamError(f"KA2ERConfig.tasks: task name {t!r} must be non-empty and contain no ':'")
-            if not cs: raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: no classes")
+            if not cs:
+                raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: no classes")
             for c in cs:
                 if not c or ":" in c or c == "background":
                     raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: class name {c!r} must be non-empty, contain no ':' "
                                        "and not be 'background'")
-            if len(set(cs)) != len(cs): raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: repeated class names {cs}")
+            if len(set(cs)) != len(cs):
+                raise AmalgamError(f"KA2ERConfig.tasks[{t!r}]: repeated class names {cs}")
 
     @property
     def class_names(self) -> list[str]:
@@ -105,10 +107,12 @@ class KA2ERConfig(DictConfig):
     def load(cls, path: str | os.PathLike) -> "KA2ERConfig":
         "Read a config written by `save`."
         path = Path(path)
-        if not path.is_file(): raise AmalgamError(f"{path}: config file not found")
+        if not path.is_file():
+            raise AmalgamError(f"{path}: config file not found")
         try: d = json.loads(path.read_text())
         except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict): raise AmalgamError(f"{path}: expected a JSON object of config fields")
+        if not isinstance(d, dict):
+            raise AmalgamError(f"{path}: expected a JSON object of config fields")
         try: return cls.from_dict(d)
         except AmalgamError as e: raise AmalgamError(f"{path}: {e}") from None
 
@@ -153,7 +157,8 @@ class KA2ER(nn.Module):
                 if e.spatial_dims != d or e.in_channels != foundation.in_channels:
                     raise AmalgamError(f"KA2ER: expert {e.name!r} is {e.spatial_dims}D with {e.in_channels} "
                                        f"channel(s); the model is {d}D with {foundation.in_channels}")
-        if expert_taps not in TAPS: raise AmalgamError(f"KA2ER: expert_taps must be one of {TAPS}, got {expert_taps!r}")
+        if expert_taps not in TAPS:
+            raise AmalgamError(f"KA2ER: expert_taps must be one of {TAPS}, got {expert_taps!r}")
         if prompt_encoder.embed_dim != decoder.transformer_dim:
             raise AmalgamError(f"KA2ER: prompt encoder embed_dim {prompt_encoder.embed_dim} != decoder transformer_dim "
                                f"{decoder.transformer_dim}")
@@ -180,7 +185,8 @@ class KA2ER(nn.Module):
         if name in self.class_names: return self.class_names.index(name)
         in_task = [c for c in self.class_names if c.split(":", 1)[0] == name]
         if len(in_task) == 1: return self.class_names.index(in_task[0])
-        if in_task: raise AmalgamError(f"task {name!r}: ambiguous, it has classes {in_task}; give one as 'task:class'")
+        if in_task:
+            raise AmalgamError(f"task {name!r}: ambiguous, it has classes {in_task}; give one as 'task:class'")
         raise AmalgamError(f"task {name!r}: not in the class vocabulary {self.class_names}"
                            f"{did_you_mean(name, self.class_names)}")
 

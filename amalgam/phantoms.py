@@ -439,7 +439,8 @@ TASKS: dict[str, PhantomTask] = {t.name: t for t in (
 def get_task(task: str | PhantomTask) -> PhantomTask:
     "The `PhantomTask` for a task name (or the task itself)."
     if isinstance(task, PhantomTask): return task
-    if task not in TASKS: raise AmalgamError(f"task {task!r}: unknown phantom task; choose one of {sorted(TASKS)}")
+    if task not in TASKS:
+        raise AmalgamError(f"task {task!r}: unknown phantom task; choose one of {sorted(TASKS)}")
     return TASKS[task]
 
 # %% ../nbs/02_phantoms.ipynb
@@ -575,8 +576,10 @@ def write_phantom_manifests(out_dir: str | os.PathLike | None = None, seed: int 
 def threshold_dice(image: np.ndarray, mask: np.ndarray, max_bins: int = 1024) -> dict:
     """Oracle Dice of the best single threshold and of the best intensity interval for the binary `mask` on integer
     `image`."""
-    if image.shape != mask.shape: raise AmalgamError(f"image shape {image.shape} and mask shape {mask.shape} differ")
-    if image.dtype.kind not in "iu": raise AmalgamError(f"image: expected an integer image, got dtype {image.dtype}")
+    if image.shape != mask.shape:
+        raise AmalgamError(f"image shape {image.shape} and mask shape {mask.shape} differ")
+    if image.dtype.kind not in "iu":
+        raise AmalgamError(f"image: expected an integer image, got dtype {image.dtype}")
     v, m = image.ravel().astype(np.int64), mask.ravel().astype(bool)
     lo = int(v.min())
     width = max(1, -(-(int(v.max()) + 1 - lo) // max_bins))

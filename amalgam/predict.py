@@ -67,7 +67,8 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 raise AmalgamError(f"{p}: not an image file amalgam reads ({', '.join(SCAN_SUFFIXES)}, or a DICOM "
                                    "series folder)")
             found.append(p)
-        else: raise AmalgamError(f"{p}: input file not found")
+        else:
+            raise AmalgamError(f"{p}: input file not found")
     stems = [scan_stem(f) for f in found]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
@@ -144,7 +145,8 @@ def read_scan(path: str | os.PathLike, max_voxels: int = MAX_VOXELS) -> nib.Nift
         try: return nib.load(path)
         except Exception as e:  # nibabel, gzip and zlib raise many types for a damaged file; all mean the same here
             raise AmalgamError(f"{path}: unreadable NIfTI ({type(e).__name__}: {e})") from None
-    else: raise AmalgamError(f"{path}: input file not found")
+    else:
+        raise AmalgamError(f"{path}: input file not found")
     if math.prod(size) * head.GetNumberOfComponents() > max_voxels:
         raise AmalgamError(f"{path}: the header claims {' x '.join(map(str, size))} = {math.prod(size)} voxels, "
                            f"over the limit of {max_voxels} "
@@ -186,7 +188,8 @@ def load_volume(path: str | os.PathLike, config: DataConfig, in_channels: int = 
         raise AmalgamError(f"{path}: cannot read the image data ({type(e).__name__}: {e}); "
                            "the file may be truncated or damaged") from None
     bad = int((~np.isfinite(data)).sum())
-    if bad: raise AmalgamError(f"{path}: contains {bad} NaN/inf voxel(s)")
+    if bad:
+        raise AmalgamError(f"{path}: contains {bad} NaN/inf voxel(s)")
     image = MetaTensor(torch.from_numpy(data), affine=torch.from_numpy(affine),
                        meta={"filename_or_obj": str(path), "original_affine": affine, "spatial_shape": shape[:3]})
     image = EnsureChannelFirstd("image", channel_dim="no_channel" if len(shape) == 3 else -1)({"image": image})["image"]
@@ -202,7 +205,8 @@ def _prompt_array(spec: Mapping, key: str, where: str, n: int | None) -> np.ndar
     except (TypeError, ValueError): raise AmalgamError(f"{where}: {key} must be numbers, got {spec[key]!r}") from None
     if a.ndim != 2 or a.shape[1] != 3 or not len(a) or (n is not None and len(a) != n):
         raise AmalgamError(f"{where}: {key} must be a list of {n or 'N'} [x, y, z] coordinates, got shape {a.shape}")
-    if not np.isfinite(a).all(): raise AmalgamError(f"{where}: {key} has non-finite coordinates")
+    if not np.isfinite(a).all():
+        raise AmalgamError(f"{where}: {key} has non-finite coordinates")
     return a
 
 def _outside(v: np.ndarray, shape: Sequence[int]) -> int | None:
@@ -214,12 +218,14 @@ def case_prompts(spec: Mapping, where: str, case: ScanVolume) -> dict:
     """Keyword arguments of `Segmenter.segment` (voxel coordinates of the working grid, tensor axis order) from one JSON
     prompt entry (see the schema above); `where` names the file and case in errors."""
     unknown = sorted(set(spec) - set(PROMPT_KEYS))
-    if unknown: raise AmalgamError(f"{where}: unknown key(s) {unknown}; allowed: {list(PROMPT_KEYS)}")
+    if unknown:
+        raise AmalgamError(f"{where}: unknown key(s) {unknown}; allowed: {list(PROMPT_KEYS)}")
     system = spec.get("coordinate_system", "voxel")
     if system not in ("voxel", "world"):
         raise AmalgamError(f"{where}: coordinate_system {system!r}: expected 'voxel' or 'world'")
     points, box = _prompt_array(spec, "points", where, None), _prompt_array(spec, "box", where, 2)
-    if points is None and box is None: raise AmalgamError(f"{where}: no prompt (give points and/or a box)")
+    if points is None and box is None:
+        raise AmalgamError(f"{where}: no prompt (give points and/or a box)")
     if box is not None and (box[0] > box[1]).any():
         raise AmalgamError(f"{where}: box {box.tolist()} is flipped "
                            f"(min corner > max corner on axis {int((box[0] > box[1]).argmax())})")
@@ -229,7 +235,8 @@ def case_prompts(spec: Mapping, where: str, case: ScanVolume) -> dict:
         if labels.shape != (len(points),) or not np.isin(labels, (0, 1)).all():
             raise AmalgamError(f"{where}: point_labels must be {len(points)} values, "
                                f"each 1 (positive) or 0 (negative), got {spec['point_labels']!r}")
-    elif labels is not None: raise AmalgamError(f"{where}: point_labels given without points")
+    elif labels is not None:
+        raise AmalgamError(f"{where}: point_labels given without points")
     file_affine, file_shape = np.asarray(case.nifti.affine, np.float64), case.nifti.shape[:3]
     to_world = (lambda a: voxel_to_world(a, file_affine)) if system == "voxel" else (lambda a: a)
     corners = lambda b: np.array([[b[i, 0], b[j, 1], b[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
@@ -255,27 +262,32 @@ def read_prompts(path: str | os.PathLike, inputs: Sequence[Path]) -> dict[Path, 
     """The JSON prompt entry of every input (top-level `coordinate_system` and `task` inherited by case entries); an
     `AmalgamError` for a missing or malformed file, an unknown case, or an input without prompts."""
     path = Path(path)
-    if not path.is_file(): raise AmalgamError(f"{path}: prompts file not found")
+    if not path.is_file():
+        raise AmalgamError(f"{path}: prompts file not found")
     try: spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AmalgamError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise AmalgamError(f"{path}: JSON nested too deeply (a prompts file is a few levels deep)") from None
-    if not isinstance(spec, dict): raise AmalgamError(f"{path}: expected a JSON object (see `amalgam predict --help`)")
+    if not isinstance(spec, dict):
+        raise AmalgamError(f"{path}: expected a JSON object (see `amalgam predict --help`)")
     unknown = sorted(set(spec) - set(PROMPT_KEYS) - {"cases"})
-    if unknown: raise AmalgamError(f"{path}: unknown key(s) {unknown}; allowed: {[*PROMPT_KEYS, 'cases']}")
+    if unknown:
+        raise AmalgamError(f"{path}: unknown key(s) {unknown}; allowed: {[*PROMPT_KEYS, 'cases']}")
     cases = spec.get("cases", {})
     if not isinstance(cases, dict) or not all(isinstance(v, dict) for v in cases.values()):
         raise AmalgamError(f"{path}: cases must map file names to prompt objects")
     by_name = {k: p for p in inputs for k in (p.name, scan_stem(p))}
     stray = sorted(k for k in cases if k not in by_name)
-    if stray: raise AmalgamError(f"{path}: cases {stray} match no input file (inputs: {[p.name for p in inputs]})")
+    if stray:
+        raise AmalgamError(f"{path}: cases {stray} match no input file (inputs: {[p.name for p in inputs]})")
     top = {k: v for k, v in spec.items() if k != "cases"}
     inherited = {k: top[k] for k in ("coordinate_system", "task") if k in top}
     out = {}
     for p in inputs:
         own = [v for k, v in cases.items() if by_name[k] == p]
-        if len(own) > 1: raise AmalgamError(f"{path}: {p.name} has two entries in cases")
+        if len(own) > 1:
+            raise AmalgamError(f"{path}: {p.name} has two entries in cases")
         entry = {**inherited, **own[0]} if own else top
         if entry.get("points") is None and entry.get("box") is None:
             raise AmalgamError(f"{path}: no prompts for {p.name} (no case entry and no top-level points/box)")
@@ -354,14 +366,16 @@ def predict_main(args: argparse.Namespace) -> int:
     if args.task and not args.auto:
         raise AmalgamError("--task: only with --auto (to condition clicks on a class, put 'task' in the prompts file)")
     for flag, value in (("--batch-size", args.batch_size), ("--max-voxels", args.max_voxels)):
-        if value < 1: raise AmalgamError(f"{flag} {value}: must be at least 1")
+        if value < 1:
+            raise AmalgamError(f"{flag} {value}: must be at least 1")
     device = _resolve_device(args.device)
     inputs = find_inputs(args.input)
     prompts = read_prompts(args.prompts, inputs) if args.prompts else {p: {"task": args.task} for p in inputs}
     out_dir = Path(args.output)
     _check_output_dir(out_dir)
     clash = [p for p in inputs if p.resolve() == (out_dir / f"{scan_stem(p)}.nii.gz").resolve()]
-    if clash: raise AmalgamError(f"{clash[0]}: the output would overwrite this input; choose another -o folder")
+    if clash:
+        raise AmalgamError(f"{clash[0]}: the output would overwrite this input; choose another -o folder")
     segmenter = (Segmenter.from_bundle(args.model, device, batch_size=args.batch_size) if args.model
                  else Segmenter.from_run(args.run, device, batch_size=args.batch_size))
     if args.save_weights and not segmenter.weight_names:

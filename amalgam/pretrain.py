@@ -35,7 +35,8 @@ def random_patch_mask(batch: int, spatial: Sequence[int], mask_patch: int, mask_
     spatial = tuple(int(s) for s in spatial)
     if mask_patch < 1 or any(s % mask_patch for s in spatial):
         raise AmalgamError(f"mask_patch {mask_patch}: must divide every spatial size {spatial}")
-    if not 0 < mask_ratio < 1: raise AmalgamError(f"mask_ratio: expected a number in (0, 1), got {mask_ratio!r}")
+    if not 0 < mask_ratio < 1:
+        raise AmalgamError(f"mask_ratio: expected a number in (0, 1), got {mask_ratio!r}")
     grid = tuple(s // mask_patch for s in spatial)
     n = math.prod(grid)
     if n < 2:
@@ -128,11 +129,14 @@ def pretrain_foundation(out_path: str | os.PathLike,
     if spatial_dims != data_config.spatial_dims:
         raise AmalgamError(f"spatial_dims {spatial_dims} differs from data_config.spatial_dims "
                            f"{data_config.spatial_dims}")
-    if not isinstance(steps, int) or steps < 1: raise AmalgamError(f"steps: expected a positive integer, got {steps!r}")
-    if not lr > 0: raise AmalgamError(f"lr: expected a positive number, got {lr!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise AmalgamError(f"steps: expected a positive integer, got {steps!r}")
+    if not lr > 0:
+        raise AmalgamError(f"lr: expected a positive number, got {lr!r}")
     if any(p % mask_patch for p in data_config.patch_size):
         raise AmalgamError(f"mask_patch {mask_patch}: must divide every patch size {data_config.patch_size}")
-    if not 0 < mask_ratio < 1: raise AmalgamError(f"mask_ratio: expected a number in (0, 1), got {mask_ratio!r}")
+    if not 0 < mask_ratio < 1:
+        raise AmalgamError(f"mask_ratio: expected a number in (0, 1), got {mask_ratio!r}")
     config = dataclasses.replace(data_config, prompt_modes={"auto": 1.0}, seed=seed)
     dataset = MultiTaskDataset(manifests, "train", config, root=root)
     stream = BatchStream(dataset, config)

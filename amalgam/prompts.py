@@ -54,7 +54,8 @@ class Prompts:
         problem. Returns `self`."""
         shape = tuple(int(s) for s in spatial_shape)
         d = len(shape)
-        if d not in (2, 3): raise AmalgamError(f"image spatial shape {shape}: expected 2 or 3 spatial dimensions")
+        if d not in (2, 3):
+            raise AmalgamError(f"image spatial shape {shape}: expected 2 or 3 spatial dimensions")
         given = self.given()
         if not given:
             raise AmalgamError("prompts: empty (no points, boxes, mask or class given); pass at least one, or a task "
@@ -87,7 +88,8 @@ class Prompts:
             if self.classes.dtype.is_floating_point or self.classes.dtype == torch.bool:
                 raise AmalgamError(f"prompts.classes: expected integer class indices, got dtype {self.classes.dtype}")
         sizes = {k: v.shape[0] for k, v in given.items()}
-        if len(set(sizes.values())) > 1: raise AmalgamError(f"prompts: batch sizes differ between fields: {sizes}")
+        if len(set(sizes.values())) > 1:
+            raise AmalgamError(f"prompts: batch sizes differ between fields: {sizes}")
         b = next(iter(sizes.values()))
         if batch_size is not None and b != batch_size:
             raise AmalgamError(f"prompts: batch size {b} but the image batch has {batch_size} element(s)")
@@ -133,7 +135,8 @@ class Prompts:
 
 def _check_shape(name, t, ndim, d, shape, layout):
     if t is None: return
-    if t.ndim != ndim: raise AmalgamError(f"prompts.{name}: expected {layout}, got shape {tuple(t.shape)}")
+    if t.ndim != ndim:
+        raise AmalgamError(f"prompts.{name}: expected {layout}, got shape {tuple(t.shape)}")
     if t.shape[-1] != d:
         raise AmalgamError(f"prompts.{name}: {t.shape[-1]} coordinates per point but the image is {d}D (spatial shape "
                            f"{shape}); give coordinates in tensor axis order")
@@ -181,7 +184,8 @@ class PositionEmbeddingRandom(nn.Module):
 
 # %% ../nbs/06_prompts.ipynb
 def _conv(spatial_dims: int) -> type[nn.Module]:
-    if spatial_dims not in (2, 3): raise AmalgamError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
+    if spatial_dims not in (2, 3):
+        raise AmalgamError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
     return (nn.Conv2d, nn.Conv3d)[spatial_dims - 2]
 
 class LayerNormChannels(nn.Module):
@@ -209,9 +213,12 @@ class PromptEncoder(nn.Module):
                  activation: type[nn.Module] = nn.GELU,  # activation of the mask downscaling
                 ):
         super().__init__()
-        if embed_dim % 2: raise AmalgamError(f"embed_dim: must be even (sin and cos halves), got {embed_dim}")
-        if mask_in_chans % 4: raise AmalgamError(f"mask_in_chans: must be divisible by 4, got {mask_in_chans}")
-        if num_classes < 0: raise AmalgamError(f"num_classes: must be >= 0, got {num_classes}")
+        if embed_dim % 2:
+            raise AmalgamError(f"embed_dim: must be even (sin and cos halves), got {embed_dim}")
+        if mask_in_chans % 4:
+            raise AmalgamError(f"mask_in_chans: must be divisible by 4, got {mask_in_chans}")
+        if num_classes < 0:
+            raise AmalgamError(f"num_classes: must be >= 0, got {num_classes}")
         conv = _conv(spatial_dims)
         self.spatial_dims, self.embed_dim, self.num_classes = spatial_dims, embed_dim, num_classes
         self.pe_layer = PositionEmbeddingRandom(spatial_dims, embed_dim // 2)
@@ -398,7 +405,8 @@ class MaskDecoder(nn.Module):
         if st[0] != 1 or any(b <= a or b % a for a, b in zip(st, st[1:])):
             raise AmalgamError(f"feature_strides {st}: must start at 1 (full resolution) "
                                "and increase by integer factors")
-        if embed_stride not in st: raise AmalgamError(f"embed_stride={embed_stride}: not among feature_strides {st}")
+        if embed_stride not in st:
+            raise AmalgamError(f"embed_stride={embed_stride}: not among feature_strides {st}")
         if num_multimask_outputs < 1:
             raise AmalgamError(f"num_multimask_outputs: must be >= 1, got {num_multimask_outputs}")
         conv = _conv(spatial_dims)

@@ -53,7 +53,8 @@ def load_params(params_file: str | os.PathLike | None = None, overrides: Mapping
     params = {}
     if params_file is not None:
         p = Path(params_file)
-        if not p.is_file(): raise AmalgamError(f"{p}: params file not found")
+        if not p.is_file():
+            raise AmalgamError(f"{p}: params file not found")
         try: loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e: raise AmalgamError(f"{p}: not valid YAML ({e})") from None
         if loaded is None: loaded = {}
@@ -94,7 +95,8 @@ def resolve_manifests(spec: str | Sequence[str] | None, root: str | os.PathLike 
     for item in items:
         pat = str(item) if Path(item).is_absolute() else str(root / item)
         hits = sorted(Path(h) for h in glob.glob(pat))
-        if not hits: raise AmalgamError(f"manifests: {item!r} matches no file under {root}")
+        if not hits:
+            raise AmalgamError(f"manifests: {item!r} matches no file under {root}")
         out += hits
     return out
 
@@ -182,7 +184,8 @@ def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parame
     `progress_bar` shows papermill's per-cell progress on stderr."""
     import papermill as pm
     notebook = Path(notebook).resolve()
-    if not notebook.is_file(): raise AmalgamError(f"{notebook}: notebook not found")
+    if not notebook.is_file():
+        raise AmalgamError(f"{notebook}: notebook not found")
     params = load_params(params_file, parameters)
     check_parameters(notebook, [*params, "out_dir"])
     manifests = resolve_manifests(params.get("manifests"))

@@ -83,12 +83,14 @@ def config_diff(old: Mapping, new: Mapping) -> list[str]:
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     "The validated `config.json` of a run folder: model, data, train, loss, experts, manifests."
     path = Path(run_dir) / "config.json"
-    if not path.is_file(): raise AmalgamError(f"{path}: not found; {Path(run_dir)} is not a training run folder")
+    if not path.is_file():
+        raise AmalgamError(f"{path}: not found; {Path(run_dir)} is not a training run folder")
     try: cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e: raise AmalgamError(f"{path}: not valid JSON ({e})") from None
     missing = [k for k in ("model", "data", "train", "loss", "experts", "manifests")
                if not isinstance(cfg, dict) or k not in cfg]
-    if missing: raise AmalgamError(f"{path}: missing key(s) {missing}")
+    if missing:
+        raise AmalgamError(f"{path}: missing key(s) {missing}")
     # what loading the run builds: checked here, named by this file
     for key, cls in (("model", KA2ERConfig), ("data", DataConfig)):
         cls.from_dict(cfg[key], f"{path}: {key}")
@@ -115,7 +117,8 @@ def run_manifests(run_dir: str | os.PathLike, manifests: Sequence[str | os.PathL
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     "The records of a run's `metrics.jsonl`, one per logged step (loss terms, lr, grad norm, mean step seconds)."
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file(): raise AmalgamError(f"{path}: not found; has the run started?")
+    if not path.is_file():
+        raise AmalgamError(f"{path}: not found; has the run started?")
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 # %% ../nbs/10b_run.ipynb

@@ -32,10 +32,12 @@ __all__ = ['MASK_BACKGROUND', 'voxel_to_world', 'world_to_voxel', 'SegmentationR
 # %% ../nbs/12_segmenter.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
     p, a = np.asarray(points, dtype=np.float64), np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4): raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got shape {a.shape}")
+    if a.shape != (4, 4):
+        raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got shape {a.shape}")
     if not np.isfinite(a).all():
         raise AmalgamError(f"affine: expected a finite 4 x 4 matrix, got NaN/inf values {a.tolist()}")
-    if p.ndim != 2 or p.shape[1] != 3: raise AmalgamError(f"{what}: expected N x 3 coordinates, got shape {p.shape}")
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise AmalgamError(f"{what}: expected N x 3 coordinates, got shape {p.shape}")
     return np.concatenate([p, np.ones((len(p), 1))], 1), a
 
 def voxel_to_world(points, affine) -> np.ndarray:
@@ -263,7 +265,8 @@ def _check_prompt_arrays(points, point_labels, box,
                          shape: Sequence[int]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     "Validated float64 points `N x d`, int labels `N` and box `2 x d` (voxel coordinates inside `shape`)."
     d, hi = len(shape), np.asarray(shape, dtype=np.float64) - 1
-    if points is None and point_labels is not None: raise AmalgamError("point_labels: given without points")
+    if points is None and point_labels is not None:
+        raise AmalgamError("point_labels: given without points")
     if points is not None:
         points = np.asarray(points, dtype=np.float64)
         if points.ndim != 2 or points.shape[1] != d or not len(points):
@@ -320,14 +323,17 @@ class Segmenter:
         if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
             raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config "
                                f"spatial_dims={data_config.spatial_dims}, patch_size={tuple(data_config.patch_size)}")
-        if batch_size < 1: raise AmalgamError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
-        if not 0 <= overlap < 1: raise AmalgamError(f"Segmenter: overlap must be in [0, 1), got {overlap}")
+        if batch_size < 1:
+            raise AmalgamError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
+        if not 0 <= overlap < 1:
+            raise AmalgamError(f"Segmenter: overlap must be in [0, 1), got {overlap}")
         self.device = torch.device(device)
         self.model, self.data_config = model.to(self.device).eval(), data_config
         if model.experts is not None: model.experts.to(self.device)
         self.patch_size = tuple(int(s) for s in data_config.patch_size)
         self.batch_size, self.overlap = int(batch_size), float(overlap)
-        if cache_mb < 0: raise AmalgamError(f"Segmenter: cache_mb must be >= 0, got {cache_mb}")
+        if cache_mb < 0:
+            raise AmalgamError(f"Segmenter: cache_mb must be >= 0, got {cache_mb}")
         self._cache = _EncodingCache(int(cache_mb * 2**20))
         self.label_values = {t: dict(v) for t, v in (label_values or {}).items()}
 
@@ -426,7 +432,8 @@ class Segmenter:
         (automatic mode) unless `slices_all=False`, when it only conditions the prompted slices. Slices without any
         prompt are background. `mask_input`: logits of a previous prediction of the volume (`*spatial`); each prompted
         slice gets its own slice as mask input."""
-        if self.spatial_dims != 2: raise AmalgamError("segment_slices: this is a 3D model; use segment with 3D prompts")
+        if self.spatial_dims != 2:
+            raise AmalgamError("segment_slices: this is a 3D model; use segment with 3D prompts")
         x = _as_volume(image, self.model.foundation.in_channels)
         n, plane = x.shape[1], tuple(x.shape[2:])
         mask_input = _mask_input(mask_input, x.shape[1:])

@@ -366,13 +366,15 @@ def _manifest_refs(manifests: Sequence[Manifest | str | os.PathLike]) -> list[di
         if path is None:
             raise AmalgamError("manifests: a Manifest without a file path cannot be recorded in config.json; "
                                "pass its path")
-        if not Path(path).is_file(): raise AmalgamError(f"{path}: manifest not found")
+        if not Path(path).is_file():
+            raise AmalgamError(f"{path}: manifest not found")
         out.append({"path": str(Path(path).resolve()), "sha256": sha256_file(path)})
     return out
 
 def _expert_sources(experts: ExpertBank | None, sources: list[dict] | None) -> list[dict]:
     if experts is None:
-        if sources: raise AmalgamError("expert_sources given but experts is None (the baseline has no experts)")
+        if sources:
+            raise AmalgamError("expert_sources given but experts is None (the baseline has no experts)")
         return []
     if sources is None:
         return [{"name": e.name, "task": e.task, "folder": str(e.source) if e.source else None, "fold": None,

@@ -37,7 +37,8 @@ class PromptState:
         self._history: list[tuple] = []
 
     def _check_axis(self, axis: int, index: int) -> None:
-        if axis not in (0, 1, 2): raise AmalgamError(f"axis {axis!r}: must be 0, 1 or 2")
+        if axis not in (0, 1, 2):
+            raise AmalgamError(f"axis {axis!r}: must be 0, 1 or 2")
         if not 0 <= index < self.shape[axis]:
             raise AmalgamError(f"slice {index} on axis {axis}: outside 0..{self.shape[axis] - 1}")
 
@@ -82,7 +83,8 @@ class PromptState:
         spanning `depth` slices on either side of it (clipped to the volume; corners outside the slice are clipped too).
         Returns (min voxel, max voxel)."""
         self._check_axis(axis, index)
-        if int(depth) < 0: raise AmalgamError(f"depth {depth}: must be >= 0")
+        if int(depth) < 0:
+            raise AmalgamError(f"depth {depth}: must be >= 0")
         rows, cols = self.slice_shape(axis)
         (r0, c0), (r1, c1) = ([min(max(int(round(float(v))), 0), n - 1) for v, n in zip(p, (rows, cols))]
                               for p in (corner, other))
@@ -142,11 +144,14 @@ def save_mask(mask: np.ndarray, path: str | os.PathLike, affine: np.ndarray | No
     """Write `mask` (`*spatial` in tensor axis order; `affine` maps its voxel indices to world mm, identity if `None`)
     atomically as a uint8 NIfTI in nibabel's axis order."""
     mask = np.asarray(mask)
-    if mask.ndim != 3: raise AmalgamError(f"mask: expected a 3D array, got shape {mask.shape}")
+    if mask.ndim != 3:
+        raise AmalgamError(f"mask: expected a 3D array, got shape {mask.shape}")
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4): raise AmalgamError(f"affine: expected a 4 x 4 matrix, got shape {affine.shape}")
+    if affine.shape != (4, 4):
+        raise AmalgamError(f"affine: expected a 4 x 4 matrix, got shape {affine.shape}")
     path = Path(path)
-    if not path.name.endswith((".nii", ".nii.gz")): raise AmalgamError(f"{path}: mask files end in .nii or .nii.gz")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise AmalgamError(f"{path}: mask files end in .nii or .nii.gz")
     img = nib.Nifti1Image(np.ascontiguousarray(mask.astype(np.uint8).transpose(2, 1, 0)), tensor_affine(affine))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
@@ -412,7 +417,8 @@ class PromptSegmenter:
 
     def save(self, path: str | os.PathLike) -> Path:
         "Write the last mask as a NIfTI at `path`, on the image's affine."
-        if self.result is None: raise AmalgamError(f"{path}: no mask to save yet; press run first")
+        if self.result is None:
+            raise AmalgamError(f"{path}: no mask to save yet; press run first")
         out = save_mask(self.result.mask, path, self.affine)
         self.message = f"saved: {out}"
         self._draw()
