@@ -175,17 +175,20 @@ class Preprocessing:
         "The same steps for keys `image` and `label` (a training or evaluation case)."
         return self._chain(["image", "label"])
 
-    def axes(self, affine) -> tuple[int, int, int]:
-        """The model's axis order as tensor axes, for a transformed scan's (file-order) `affine`: (0, 1, 2), or for a 2D
-        model the largest-spacing axis first (axis 0 where it is within 0.1 % of the largest)."""
-        spacing = np.linalg.norm(tensor_affine(affine)[:3, :3], axis=0)
-        first = 0 if self.spatial_dims == 3 or spacing[0] >= spacing.max() * (1 - 1e-3) else int(spacing.argmax())
+    def axes(self, affine, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The model's axis order as tensor axes, for a transformed scan's file-order `affine` and spatial `shape`:
+        (0, 1, 2), or for a 2D model the axis to slice along first: a single-slice image's one-voxel axis, else the
+        largest-spacing axis (axis 0 where it is within 0.1 % of the largest)."""
+        spacing, size = np.linalg.norm(tensor_affine(affine)[:3, :3], axis=0), list(shape)[::-1]
+        if self.spatial_dims == 3: first = 0
+        elif 1 in size: first = size.index(1)
+        else: first = 0 if spacing[0] >= spacing.max() * (1 - 1e-3) else int(spacing.argmax())
         return (first, *(a for a in range(3) if a != first))
 
     def to_model(self, x: Tensor, affine) -> tuple[Tensor, np.ndarray]:
         """`C x *spatial` in the file's axis order, with its (file-order) `affine`, in the model's axis order: the
         spatial axes reversed (tensor axis order) and ordered by `axes`. Returns the array and its affine."""
-        ax = self.axes(affine)
+        ax = self.axes(affine, x.shape[1:])
         return x.permute(0, *(3 - a for a in ax)).contiguous(), tensor_affine(affine)[:, [*ax, 3]]
 
     def __call__(self, image: MetaTensor) -> tuple[Tensor, np.ndarray, MetaTensor]:
@@ -198,7 +201,7 @@ class Preprocessing:
         """`K x *spatial` maps on the working grid (the model's axis order) back on the file's voxel grid and array
         order, `K x *file spatial`, by inverting the steps recorded in `reference` (linear interpolation where
         resampled)."""
-        ax = self.axes(reference.affine.numpy())
+        ax = self.axes(reference.affine.numpy(), reference.shape[1:])
         file_order = maps.float().permute(0, *(1 + ax.index(2 - f) for f in range(3)))
         x = MetaTensor(file_order.contiguous(), meta=dict(reference.meta),
                        applied_operations=list(reference.applied_operations))
