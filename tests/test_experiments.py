@@ -12,7 +12,7 @@ from amalgam.experiments import Recipe, expert_bank, merge_mappings
 from amalgam.experts import Expert, save_model_folder
 from amalgam.manifests import load_manifest, materialize
 from amalgam.phantoms import write_phantom_manifests
-from amalgam.reports import run_notebook
+from amalgam.reports import load_params, run_notebook
 from tiny_experts import tiny_test_expert
 
 NBS = Path(__file__).resolve().parents[1] / "nbs" / "experiments"
@@ -101,3 +101,11 @@ def test_expert_bank_from_folders(bench):
     assert {s["folder"] for s in sources} == set(bench["expert_folders"].values())
     with pytest.raises(AmalgamError, match="unknown task"):
         expert_bank(bench["manifests"], Recipe(), bench["workspace"], {"ct_chest": "x"})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (NBS / "params").glob("ka2er_*.yaml")))
+def test_params_files_hold_valid_recipes(name):
+    "Every KA2ER params file's `recipe:` is a valid nested Recipe (a misspelt or moved key fails here, not hours in)."
+    recipe = Recipe.from_notebook(load_params(NBS / "params" / f"{name}.yaml")["recipe"], "cpu", 0)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert recipe.model.spatial_dims == recipe.data.spatial_dims == recipe.spatial_dims
