@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 from torch import Tensor
 
@@ -372,10 +373,10 @@ def box_from_mask(mask, jitter: float, rng: np.random.Generator | None) -> Tenso
     m = _bool_mask(mask)
     if not 0 <= jitter <= 1:
         raise AmalgamError(f"box_from_mask: jitter must be in [0, 1], got {jitter}")
-    idx = np.argwhere(m)
-    if not len(idx):
+    if not m.any():
         raise AmalgamError("box_from_mask: empty mask, there is no object to box")
-    lo, hi = idx.min(0).astype(np.float64), idx.max(0).astype(np.float64)
+    start, end = generate_spatial_bounding_box(m[None])  # MONAI's: end exclusive
+    lo, hi = np.asarray(start, np.float64), np.asarray(end, np.float64) - 1
     if rng is not None and jitter > 0:
         size = hi - lo + 1
         lo = np.maximum(lo - rng.uniform(0, jitter * size), 0)
