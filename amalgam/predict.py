@@ -82,8 +82,8 @@ class ScanVolume:
     `DataConfig.orientation`, resampled to the task's `pixdim`, in tensor axis order)."""
     path: Path
     nifti: nib.Nifti1Image  # the scan as a NIfTI image (header and RAS+ affine for the outputs)
-    volume: Tensor  # C x *spatial raw float32, tensor axis order, working grid
-    affine: np.ndarray  # working-grid voxel index (tensor axis order) -> world mm (the NIfTI's RAS+ space)
+    volume: Tensor  # C x *spatial raw float32 on the working grid, in the model's axis order (`Preprocessing.axes`)
+    affine: np.ndarray  # working-grid voxel index (the model's axis order) -> world mm (the NIfTI's RAS+ space)
     reference: MetaTensor  # the transformed image (file axis order) whose applied operations `restore` inverts
     preprocessing: Preprocessing
 
