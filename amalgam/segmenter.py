@@ -70,7 +70,9 @@ class _Prompt:
         return (self.points is not None, self.box is not None, self.cls is not None, single, self.mask is not None)
 
 def _shift(p: _Prompt, offset: np.ndarray, size: Sequence[int]) -> _Prompt | None:
-    "`p` in the coordinates of the window at `offset` of `size`; None when nothing of it falls inside."
+    """`p` in the coordinates of the window at `offset` of `size`; None when the window is not to run. Clicks and a box
+    say where the structure is, so a window that holds none of them does not run, even when a task comes with them
+    (the task then conditions the windows the prompt reaches); a task alone (automatic mode) runs every window."""
     size = np.asarray(size)
     points = labels = box = None
     if p.points is not None:
@@ -80,7 +82,8 @@ def _shift(p: _Prompt, offset: np.ndarray, size: Sequence[int]) -> _Prompt | Non
     if p.box is not None:
         lo, hi = np.maximum(p.box[0], offset) - offset, np.minimum(p.box[1], offset + size - 1) - offset
         if (lo <= hi).all(): box = np.stack([lo, hi])
-    if points is None and box is None and p.cls is None: return None
+    located = p.points is not None or p.box is not None
+    if points is None and box is None and (located or p.cls is None): return None
     mask = None
     if p.mask is not None:  # the window may reach into the padding of a small image: background there
         mask = np.full(tuple(size), MASK_BACKGROUND, np.float32)
@@ -420,8 +423,9 @@ class Segmenter:
             for z in np.unique(np.rint(points[:, 0]).astype(int)):
                 on = np.rint(points[:, 0]).astype(int) == z
                 clicks[int(z)] = (points[on, 1:], point_labels[on])
+        # a task with clicks or a box conditions their slices; alone it segments every slice (automatic mode)
         return self.segment_slices(x, boxes, clicks, task, return_probability, return_weights, progress,
-                                   slices_all=cls is not None, mask_input=mask_input)
+                                   slices_all=points is None and box is None, mask_input=mask_input)
 
     def segment_slices(self, image, boxes: Mapping[int, np.ndarray] | None = None,
                        points: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None, task: str | None = None,

@@ -86,6 +86,14 @@ def test_3d_prompts_are_shifted_into_their_window(seg3d):
     # a box reaching into the near window is clipped to it; a window without any prompt is background
     only_far = seg3d.segment(x, box=[[35, 0, 0], [63, 31, 63]], return_probability=True)
     assert only_far.probability[:32].max() == 0 and only_far.probability[32:].max() > 0
+    # a task given with the box conditions the box's window only: the window without the box does not run; the task
+    # alone (automatic mode) runs both
+    tagged = seg3d.segment(x, box=[[35, 0, 0], [63, 31, 63]], task="demo:ball", return_probability=True)
+    cls = Prompts(boxes=torch.tensor([[3.0, 0, 0], [31, 31, 63]])[None],
+                  classes=torch.tensor([seg3d.model.class_index("demo:ball")]))
+    np.testing.assert_allclose(tagged.probability[32:], direct(seg3d, x[:, 32:], cls), atol=1e-5)
+    assert tagged.probability[:32].max() == 0
+    assert seg3d.segment(x, task="demo:ball", return_probability=True).probability[:32].max() > 0
 
 
 def test_3d_image_smaller_than_the_window_and_overlapping_windows(seg3d):
