@@ -1,6 +1,9 @@
 """Wall time of `amalgam predict` end to end (a new process: imports, run and expert loading, reading the scan,
 inference, writing the mask), as a user runs it, on a CT-sized scan: issue 11's box-prompted target (512 x 512 x 48,
-a box over 3 slices, <= 15 s on 2 cores) and, with --auto, whole-volume automatic mode.
+a box over 3 slices, <= 15 s on 2 cores) and, with --auto, whole-volume automatic mode side by side with nnU-Net's own
+predictor (`nnUNetv2_predict_from_modelfolder`, the task's expert from the run's config, no test-time mirroring) on
+the same file (target: amalgam <= 2 x nnU-Net). Each tool preprocesses the file its own way: nnU-Net resamples it to
+its expert's spacing, amalgam to the run's `DataConfig.pixdim` (none in the phantom recipes).
 
 Not a test (pytest does not collect it); it prints figures. Example:
     python tests/benchmarks/bench_predict.py workspace/proof/runs/ka2er --task ct_abdomen:liver --repeats 3
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +25,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from amalgam.experts import install_trainers
 
 
 def synthetic_ct(path: Path, shape=(512, 512, 48), spacing=(0.7, 0.7, 5.0), seed=0) -> np.ndarray:
@@ -35,13 +41,29 @@ def synthetic_ct(path: Path, shape=(512, 512, 48), spacing=(0.7, 0.7, 5.0), seed
     return blob
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)}\nexit code {out.returncode}\n{out.stderr[-2000:]}")
     return dt
+
+
+def nnunet_time(run_dir: str, task: str, scan: Path, work: Path) -> tuple[float, str]:
+    """Wall time of nnU-Net's own predictor (a new process, as `nnUNetv2_predict_from_modelfolder` runs) with the run's
+    expert of `task` on `scan`; and the expert's folder."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    expert = next((e for e in cfg["experts"] if e["task"] == task.split(":")[0]), None)
+    if expert is None:
+        sys.exit(f"{run_dir}: no expert of task {task.split(':')[0]!r} in its config.json")
+    inp, out = work / "nnunet_in", work / "nnunet_out"
+    inp.mkdir()
+    (inp / "ct_0000.nii.gz").symlink_to(scan)  # nnU-Net's file naming: case + channel
+    env = {**os.environ, "nnUNet_extTrainer": str(install_trainers(work / "trainers"))}
+    cmd = [str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"), "-i", str(inp), "-o", str(out),
+           "-m", expert["folder"], "-f", str(expert["fold"]), "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
+    return run(cmd, env), expert["folder"]
 
 
 def main(argv=None) -> None:
@@ -51,7 +73,8 @@ def main(argv=None) -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 48])
     p.add_argument("--box-slices", type=int, default=3, help="slices (along k) the box spans")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--auto", action="store_true", help="also time whole-volume automatic mode (once)")
+    p.add_argument("--auto", action="store_true",
+                   help="also time whole-volume automatic mode and nnU-Net's predictor with the task's expert (once)")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args(argv)
     amalgam = str(Path(sys.executable).parent / "amalgam")
@@ -73,8 +96,11 @@ def main(argv=None) -> None:
         if a.auto:
             t = run([amalgam, "predict", "-r", a.run, "-i", str(scan), "-o", str(d / "auto"), "--auto",
                      "--task", a.task])
-            figures["auto_seconds"] = round(t, 2)
-            print(f"automatic mode, whole volume: {t:.1f} s")
+            nn, folder = nnunet_time(a.run, a.task, scan, d)
+            figures.update(auto_seconds=round(t, 2), nnunet_seconds=round(nn, 2), nnunet_expert=folder,
+                           auto_over_nnunet=round(t / nn, 2))
+            print(f"automatic mode, whole volume: {t:.1f} s; nnU-Net's predictor with the task's expert: {nn:.1f} s "
+                  f"(ratio {t / nn:.2f}, target <= 2)")
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=1))
 
