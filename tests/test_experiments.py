@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from amalgam.cli import demo_manifests
 from amalgam.config import AmalgamError
 from amalgam.experiments import Recipe, expert_bank, merge_mappings
 from amalgam.experts import Expert, save_model_folder
@@ -101,6 +102,14 @@ def test_expert_bank_from_folders(bench):
     assert {s["folder"] for s in sources} == set(bench["expert_folders"].values())
     with pytest.raises(AmalgamError, match="unknown task"):
         expert_bank(bench["manifests"], Recipe(), bench["workspace"], {"ct_chest": "x"})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (NBS / "params").glob("*.yaml")))
+def test_phantom_params_files_list_the_manifests_in_the_demo_order(name):
+    "The manifests' order is the experts' order in a run, so a params file must list them as `amalgam demo` does."
+    listed = load_params(NBS / "params" / f"{name}.yaml").get("manifests", [])
+    if any("phantom_" in str(m) for m in listed):
+        assert [Path(m).name for m in listed] == [p.name for p in demo_manifests()]
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (NBS / "params").glob("ka2er_*.yaml")))
