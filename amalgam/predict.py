@@ -394,14 +394,16 @@ def predict_main(args: argparse.Namespace) -> int:
     for p in inputs:  # every input and prompt is checked before the first output file is written
         case = load(p)
         if not args.auto: case_prompts(prompts[p], where[p], case)
+    windows = sys.stderr.isatty()  # a bar over each case's windows too, on a terminal (as tqdm's disable=None)
     for p in tqdm(inputs, desc="amalgam predict", unit="case", disable=None):
         case = load(p)
         if whole_task:
-            seg = segmenter.segment_task(case.volume, args.task)
+            seg = segmenter.segment_task(case.volume, args.task, progress=windows)
             for f in _write_task_case(out_dir, case, args.task, seg, args.save_probabilities): print(f)
             continue
         kwargs = {"task": args.task} if args.auto else case_prompts(prompts[p], where[p], case)
-        result = segmenter.segment(case.volume, **kwargs, return_probability=True, return_weights=args.save_weights)
+        result = segmenter.segment(case.volume, **kwargs, return_probability=True, return_weights=args.save_weights,
+                                   progress=windows)
         for f in _write_case(out_dir, case, result, args.save_probabilities): print(f)
     return 0
 
