@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from amalgam.experts import install_trainers
+from amalgam.run import read_run_config
 
 
 def synthetic_ct(path: Path, shape=(512, 512, 48), spacing=(0.7, 0.7, 5.0), seed=0) -> np.ndarray:
@@ -53,7 +54,7 @@ def run(cmd: list[str], env: dict | None = None) -> float:
 def nnunet_time(run_dir: str, task: str, scan: Path, work: Path) -> tuple[float, str]:
     """Wall time of nnU-Net's own predictor (a new process, as `nnUNetv2_predict_from_modelfolder` runs) with the run's
     expert of `task` on `scan`; and the expert's folder."""
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg = read_run_config(run_dir)  # checked: a run folder's config.json with its experts
     expert = next((e for e in cfg["experts"] if e["task"] == task.split(":")[0]), None)
     if expert is None:
         sys.exit(f"{run_dir}: no expert of task {task.split(':')[0]!r} in its config.json")
