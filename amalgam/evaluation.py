@@ -16,7 +16,7 @@ from .segmenter import Segmenter
 __all__ = ['EVAL_MODES', 'prompted_segmentation']
 
 # %% ../nbs/12b_evaluation.ipynb
-EVAL_MODES = ("auto", "box", "click1", "click3")
+EVAL_MODES = ("auto", "box", "click1", "click3", "auto_alone")
 
 def _slices_with(gt: np.ndarray) -> list[int]: return [int(z) for z in np.flatnonzero(gt.reshape(len(gt), -1).any(1))]
 
@@ -40,6 +40,8 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
                            f"{tuple(np.shape(image)[1:])}")
     segmenter.check_task(class_name)
     if mode == "auto": return segmenter.segment(image, task=class_name).mask
+    if mode == "auto_alone":
+        return (segmenter.segment(image, task=class_name, return_probability=True).probability > 0.5).astype(np.uint8)
     if not gt.any(): return np.zeros(gt.shape, np.uint8)
     n_rounds = 3 if mode == "click3" else 1
     if segmenter.spatial_dims == 3:

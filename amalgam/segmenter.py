@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict, defaultdict
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Mapping, Sequence
@@ -62,12 +63,16 @@ class _Prompt:
     cls: int | None = None  # class-token index (automatic mode)
     # *spatial mask logits of a previous prediction on the element's grid (SAM's mask input)
     mask: np.ndarray | None = None
+    # automatic mode with competing classes: every class of `cls`'s task (vocabulary order, `cls` among them), each
+    # decoded on the same windows (see `Segmenter.exclusive`); empty: `cls` alone
+    rivals: tuple[int, ...] = ()
 
     @property
-    def kind(self) -> tuple[bool, bool, bool, bool, bool]:
+    def kind(self) -> tuple[bool, bool, bool, bool, bool, bool]:
         "Windows of one kind run as one batch (a single click decodes differently, see `multimask_for`)."
         single = self.points is not None and int((self.labels != -1).sum()) == 1
-        return (self.points is not None, self.box is not None, self.cls is not None, single, self.mask is not None)
+        return (self.points is not None, self.box is not None, self.cls is not None, single, self.mask is not None,
+                bool(self.rivals))
 
 def _shift(p: _Prompt, offset: np.ndarray, size: Sequence[int]) -> _Prompt | None:
     """`p` in the coordinates of the window at `offset` of `size`; None when the window is not to run. Clicks and a box
@@ -89,7 +94,7 @@ def _shift(p: _Prompt, offset: np.ndarray, size: Sequence[int]) -> _Prompt | Non
         mask = np.full(tuple(size), MASK_BACKGROUND, np.float32)
         src = tuple(slice(int(o), min(int(o) + int(s), n)) for o, s, n in zip(offset, size, p.mask.shape))
         mask[tuple(slice(0, r.stop - r.start) for r in src)] = p.mask[src]
-    return _Prompt(points, labels, box, p.cls, mask)
+    return _Prompt(points, labels, box, p.cls, mask, p.rivals)
 
 MASK_BACKGROUND = -20.0  # mask-prompt logit of "certainly background" (the padding of a previous prediction)
 
@@ -182,8 +187,9 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
     """The image part of KA²ER for a batch of windows: foundation features, frozen experts, amalgamation (the gold
     features and the expert weights). Like SAM's image embedding it is computed once per window and reused for every
     prompt on it (each prompt mode, each corrective click), which is most of the cost of evaluating a volume. With task
-    routing the class prompt (`classes`, `B`, -1 for none) biases the expert weighting, so a window is encoded once per
-    class it is asked for."""
+    routing the class prompt (`classes`, `B`, -1 for none) biases the expert weighting, so a window is amalgamated once
+    per class it is asked for; equal windows in the batch (a window asked for several classes) share one foundation and
+    expert pass."""
     tag = b"" if not stats else b"".join(stats[n].float().cpu().numpy().tobytes() for n in sorted(stats))
     routed = (classes is not None and self.model.amalgamation is not None
               and self.model.amalgamation.class_bias is not None)
@@ -192,13 +198,18 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
     hit = [self._cache.get(k) for k in keys]
     todo = [i for i, h in enumerate(hit) if h is None]
     if todo:
-        m, xt = self.model, x[todo]
-        feats, weights = m.foundation(zscore(xt)), {}
+        m, first = self.model, {}
+        for i in todo: first.setdefault(keys[i][:-4], i)  # the window's digest (and stats), not its class
+        slot = torch.tensor([list(first).index(keys[i][:-4]) for i in todo])
+        xt = x[list(first.values())]
+        feats, weights = [f[slot] for f in m.foundation(zscore(xt))], {}
         if m.amalgamation is not None:
             rows = (None if stats is None
                     else {n: s[None].expand(len(xt), -1, -1).to(xt.device) for n, s in stats.items()})
             bias = m.amalgamation.source_bias(torch.tensor([cls[i] for i in todo])) if routed else None
-            out = m.amalgamation(feats, m.experts.encode(xt, stats=rows, taps=m.expert_taps), source_bias=bias)
+            expert_maps = {n: [f[slot] for f in fs]
+                           for n, fs in m.experts.encode(xt, stats=rows, taps=m.expert_taps).items()}
+            out = m.amalgamation(feats, expert_maps, source_bias=bias)
             feats, weights = out.features, out.weights
         for j, i in enumerate(todo):
             entry = ([f[j:j + 1] for f in feats], {s: w[j:j + 1] for s, w in weights.items()})
@@ -223,9 +234,16 @@ def _weight_maps(weights: Mapping[int, Tensor], size: Sequence[int]) -> Tensor:
     w = weights[min(weights)].float()
     return F.interpolate(w, size=tuple(size), mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)
 
+def _channels(items: Sequence[_Prompt | None]) -> tuple[int, int]:
+    """(number of class channels, the asked class's channel) of one `_infer` call's output: a task's classes when its
+    automatic-mode prompts decode them all (`_Prompt.rivals`), else the asked mask alone."""
+    auto = next((p for p in items if p is not None and p.rivals), None)
+    return (1, 0) if auto is None else (len(auto.rivals), auto.rivals.index(auto.cls))
+
 def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prompt | None], with_weights: bool,
                      stats: Mapping[str, Tensor] | None = None) -> Tensor:
-    "The sliding-window predictor: `B x (1 [+ K+1]) x *window` probability (and weights) of a batch of windows."
+    """The sliding-window predictor: `B x (C [+ K+1]) x *window` probabilities (and the asked class's weights) of a
+    batch of windows; C class channels as `_channels` says (windows prompted otherwise fill only the asked one)."""
     size = tuple(win.shape[2:])
     shifted = [_shift(items[c[0].start], np.array([s.start for s in c[2:]], dtype=np.float64), size)
                if items[c[0].start] else None
@@ -233,25 +251,33 @@ def _predict_windows(self: Segmenter, win: Tensor, coords, items: Sequence[_Prom
     groups = defaultdict(list)
     for j, p in enumerate(shifted):
         if p is not None: groups[p.kind].append(j)
-    out = win.new_zeros(len(win), 1 + (len(self.weight_names) if with_weights else 0), *size)
+    n_cls, own = _channels(items)
+    out = win.new_zeros(len(win), n_cls + (len(self.weight_names) if with_weights else 0), *size)
     with torch.no_grad():
         for idx in groups.values():
             mask_size = self.model.prompt_encoder.mask_input_size([s // self.model.decoder.embed_stride for s in size])
-            prompts = _batch_prompts([shifted[j] for j in idx], mask_size)
-            prob, weights = _best_probability(self, win[idx], prompts, stats)
-            out[idx, 0] = prob.to(out)
-            if with_weights: out[idx, 1:] = _weight_maps(weights, size).to(out)
+            ps, n, k = [shifted[j] for j in idx], len(idx), len(shifted[idx[0]].rivals)
+            if k:  # every class of the task on the same windows, class-major: one foundation and expert pass
+                ps = [dataclasses.replace(p, cls=c, rivals=()) for c in shifted[idx[0]].rivals for p in ps]
+            prob, weights = _best_probability(self, win[idx].repeat(max(k, 1), *[1] * (win.ndim - 1)),
+                                              _batch_prompts(ps, mask_size), stats)
+            if k: out[idx, :k] = prob.view(k, n, *size).transpose(0, 1).to(out)
+            else: out[idx, own] = prob.to(out)
+            if with_weights:
+                rows = slice(own * n, own * n + n) if k else slice(None)
+                out[idx, n_cls:] = _weight_maps({s: w[rows] for s, w in weights.items()}, size).to(out)
         rest = [j for j, p in enumerate(shifted) if p is None]
         if with_weights and rest:
-            out[rest, 1:] = _weight_maps(_encode(self, win[rest], stats)[1], size).to(out)
+            out[rest, n_cls:] = _weight_maps(_encode(self, win[rest], stats)[1], size).to(out)
     return out
 
 def _infer(self: Segmenter, batch: Tensor, items: Sequence[_Prompt | None], with_weights: bool, progress: bool,
            volume: Tensor) -> Tensor:
-    """`B x (1 [+ K+1]) x *spatial` for a batch of images (B = 1 volume, or the slices of a volume) and one prompt (or
-    None) each; `volume` is the whole `C x *spatial` volume they come from."""
+    """`B x (C [+ K+1]) x *spatial` for a batch of images (B = 1 volume, or the slices of a volume) and one prompt (or
+    None) each, C class channels as `_channels` says; `volume` is the whole `C x *spatial` volume they come from."""
     run = [i for i, p in enumerate(items) if p is not None or with_weights]
-    out = torch.zeros(len(batch), 1 + (len(self.weight_names) if with_weights else 0), *batch.shape[2:])
+    out = torch.zeros(len(batch), _channels(items)[0] + (len(self.weight_names) if with_weights else 0),
+                      *batch.shape[2:])
     if not run: return out
     x = _pad_to(batch[run], self.patch_size)
     # z-score experts normalise every window with the whole volume's statistics, as nnU-Net normalised their training
@@ -296,11 +322,17 @@ def _check_prompt_arrays(points, point_labels, box,
                                f"{int((box[0] > box[1]).argmax())}")
     return points, point_labels, box
 
-def _result(self: Segmenter, out: Tensor, return_probability: bool, return_weights: bool) -> SegmentationResult:
-    prob = out[0].numpy().astype(np.float32)
-    weights = ({n: out[1 + i].numpy().astype(np.float32) for i, n in enumerate(self.weight_names)}
+def _result(self: Segmenter, out: Tensor, return_probability: bool, return_weights: bool,
+            channels: tuple[int, int] = (1, 0)) -> SegmentationResult:
+    """The asked class's mask, probability and weights from `_infer`'s `(C [+ K+1]) x *spatial` output (`channels`: C
+    and the asked class's channel, see `_channels`). With competing classes the mask is the class's part of the task's
+    label map (`label_map`: most probable of the task's classes, and above 0.5); the probability stays its own."""
+    n_cls, own = channels
+    prob = out[own].numpy().astype(np.float32)
+    mask = (prob > 0.5) & (out[:n_cls].argmax(0) == own).numpy()
+    weights = ({n: out[n_cls + i].numpy().astype(np.float32) for i, n in enumerate(self.weight_names)}
                if return_weights else None)
-    return SegmentationResult((prob > 0.5).astype(np.uint8), prob if return_probability else None, weights)
+    return SegmentationResult(mask.astype(np.uint8), prob if return_probability else None, weights)
 
 def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
     "`mask_input` as float32 logits of `shape`, or an `AmalgamError` naming the problem."
@@ -322,6 +354,10 @@ class Segmenter:
                  overlap: float = 0.5,  # sliding-window overlap (nnU-Net's tile step of 0.5)
                  cache_mb: float = 512,  # memory for cached window encodings (see `_encode`); 0 turns the cache off
                  label_values: Mapping[str, Mapping[str, int | None]] | None = None,  # task -> class -> label value
+                 # automatic mode: a voxel is the asked class's only where that class is also the most probable of its
+                 # task's classes, as an nnU-Net expert's softmax decides (each class of the task is decoded on the
+                 # same windows); False: the class's own probability > 0.5, so classes may overlap
+                 exclusive: bool = True,
                 ):
         if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
             raise AmalgamError(f"Segmenter: a {model.spatial_dims}D model with data config "
@@ -339,6 +375,7 @@ class Segmenter:
             raise AmalgamError(f"Segmenter: cache_mb must be >= 0, got {cache_mb}")
         self._cache = _EncodingCache(int(cache_mb * 2**20))
         self.label_values = {t: dict(v) for t, v in (label_values or {}).items()}
+        self.exclusive = bool(exclusive)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "Segmenter":
@@ -384,11 +421,26 @@ class Segmenter:
     def segment_task(self, image, task: str, progress: bool = False) -> TaskSegmentation:
         """Automatic mode for every class of `task` at once, as nnU-Net answers: one label map with the task's label
         values (each voxel the most probable class whose probability exceeds 0.5, else 0) and per-class probabilities.
-        Window encodings are cached, so the classes share one pass of the experts and the foundation."""
+        The classes are decoded together on each window, so they share one pass of the experts and the foundation."""
         values, classes = self.task_values(task), self.tasks[task]
-        each = [self.segment(image, task=f"{task}:{c}", return_probability=True, progress=progress) for c in classes]
-        probs = np.stack([r.probability for r in each])
+        x = _as_volume(image, self.model.foundation.in_channels)
+        cls = self.check_task(f"{task}:{classes[0]}")
+        p = _Prompt(cls=cls, rivals=self._rivals(cls))
+        if self.spatial_dims == 3: out = _infer(self, x[None], [p], False, progress, x)[0]
+        else: out = _infer(self, x.permute(1, 0, 2, 3), [p] * x.shape[1], False, progress, x).permute(1, 0, 2, 3)
+        probs = out[:len(classes)].numpy().astype(np.float32)
         return TaskSegmentation(label_map(probs, values), probs, list(classes), values)
+
+    def _rivals(self, cls: int) -> tuple[int, ...]:
+        "Class-token indices of every class of `cls`'s task (vocabulary order); empty for a task of one class."
+        task = self.model.class_names[cls].split(":", 1)[0]
+        out = tuple(i for i, n in enumerate(self.model.class_names) if n.split(":", 1)[0] == task)
+        return out if len(out) > 1 else ()
+
+    def _automatic(self, cls: int | None, *prompts) -> tuple[int, ...]:
+        "`_Prompt.rivals` of a prompt of class `cls` and the other `prompts` (clicks, box, mask input)."
+        alone = cls is not None and all(p is None for p in prompts)
+        return self._rivals(cls) if alone and self.exclusive else ()
 
     def check_task(self, task: str) -> int:
         """Class-token index of `task` ('task:class', or a task with one class); an `AmalgamError` for an unknown or
@@ -402,8 +454,9 @@ class Segmenter:
                 mask_input=None) -> SegmentationResult:
         """Segment one volume `C x *spatial` (raw intensities, tensor axis order) from clicks (`N x 3` voxel
         coordinates, labels 1/0, default all positive), a box (`2 x 3`, inclusive min and max corner) and/or a `task`
-        ('task:class'; alone: automatic mode). `mask_input`: logits `*spatial` of a previous prediction to refine
-        (SAM's mask input; e.g. `logit(result.probability)`)."""
+        ('task:class'; alone: automatic mode, where the task's classes compete unless `exclusive=False`, see
+        `segment_task`). `mask_input`: logits `*spatial` of a previous prediction to refine (SAM's mask input; e.g.
+        `logit(result.probability)`)."""
         x = _as_volume(image, self.model.foundation.in_channels)
         mask_input = _mask_input(mask_input, x.shape[1:])
         points, point_labels, box = _check_prompt_arrays(points, point_labels, box, x.shape[1:])
@@ -413,9 +466,9 @@ class Segmenter:
         # the baseline has no experts: expert_weights stays None
         return_weights = return_weights and bool(self.weight_names)
         if self.spatial_dims == 3:
-            out = _infer(self, x[None], [_Prompt(points, point_labels, box, cls, mask_input)], return_weights, progress,
-                         x)[0]
-            return _result(self, out, return_probability, return_weights)
+            p = _Prompt(points, point_labels, box, cls, mask_input, self._automatic(cls, points, box, mask_input))
+            out = _infer(self, x[None], [p], return_weights, progress, x)[0]
+            return _result(self, out, return_probability, return_weights, _channels([p]))
         boxes, clicks = {}, {}
         if box is not None:
             for z in range(int(np.ceil(box[0, 0])), int(np.floor(box[1, 0])) + 1): boxes[z] = box[:, 1:]
@@ -454,8 +507,9 @@ class Segmenter:
             pts, lab = (points or {}).get(z, (None, None))
             try: pts, lab, b = _check_prompt_arrays(pts, lab, (boxes or {}).get(z), plane)
             except AmalgamError as e: raise AmalgamError(f"slice {z}: {e}") from None
-            items[z] = _Prompt(pts, lab, b, cls, None if mask_input is None else mask_input[z])
+            m = None if mask_input is None else mask_input[z]
+            items[z] = _Prompt(pts, lab, b, cls, m, self._automatic(cls, pts, b, m))
         if not any(items) and not return_weights:
             raise AmalgamError("segment_slices: no prompt on any slice; give boxes, points or a task")
         out = _infer(self, x.permute(1, 0, 2, 3), items, return_weights, progress, x)
-        return _result(self, out.permute(1, 0, 2, 3), return_probability, return_weights)
+        return _result(self, out.permute(1, 0, 2, 3), return_probability, return_weights, _channels(items))

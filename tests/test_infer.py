@@ -108,7 +108,8 @@ def test_automatic_mode_and_expert_weights(seg3d):
     x = image((32, 32, 64), seed=3)
     res = seg3d.segment(x, task="demo:cube", return_probability=True, return_weights=True)
     cls = Prompts(classes=torch.tensor([seg3d.model.class_index("demo:cube")]))
-    np.testing.assert_allclose(res.probability, direct(seg3d, x, cls), atol=1e-5)
+    # the task's two classes run as one batch of windows (they compete, see the next test): float summation order only
+    np.testing.assert_allclose(res.probability, direct(seg3d, x, cls), atol=1e-4)
     assert sorted(res.expert_weights) == ["demo", "foundation"]
     total = res.expert_weights["demo"] + res.expert_weights["foundation"]
     np.testing.assert_allclose(total, 1, atol=1e-4)
@@ -116,6 +117,27 @@ def test_automatic_mode_and_expert_weights(seg3d):
     # weights are prompt-independent and cover windows without a prompt too
     far = seg3d.segment(image((64, 32, 64), seed=3), box=[[40, 4, 10], [60, 25, 50]], return_weights=True)
     np.testing.assert_allclose(far.expert_weights["demo"][:32] + far.expert_weights["foundation"][:32], 1, atol=1e-4)
+
+
+def test_automatic_mode_classes_compete(seg3d, seg2d):
+    """Automatic mode for one class answers as the task's label map does (and as an nnU-Net expert's softmax): a voxel two
+    classes both claim goes to the more probable one. `exclusive=False` keeps each class's own probability > 0.5, and a
+    task given with a box is not a competition."""
+    for seg, x in ((seg3d, image((32, 32, 64), seed=4)), (seg2d, image((3, 64, 64), seed=4))):
+        task = seg.segment_task(x, "demo")
+        alone = Segmenter(seg.model, seg.data_config, overlap=seg.overlap, exclusive=False)
+        both = np.ones(x.shape[1:], bool)
+        for k, c in enumerate(task.classes):
+            res = seg.segment(x, task=f"demo:{c}", return_probability=True)
+            np.testing.assert_array_equal(res.mask, task.labels == task.values[k])
+            np.testing.assert_allclose(res.probability, task.probabilities[k], atol=1e-6)
+            own = alone.segment(x, task=f"demo:{c}", return_probability=True)
+            np.testing.assert_allclose(own.probability, res.probability, atol=1e-4)
+            np.testing.assert_array_equal(own.mask, own.probability > 0.5)
+            both &= own.mask.astype(bool)
+        assert both.any() and (task.labels[both] > 0).all()  # the own masks overlap, and the label map settles it
+        boxed = seg.segment(x, box=[[0, 2, 3], [1, 30, 40]], task="demo:ball", return_probability=True)
+        np.testing.assert_array_equal(boxed.mask, boxed.probability > 0.5)
 
 
 def test_decoder_taps_reach_the_segmenter(tmp_path):
@@ -211,7 +233,8 @@ def test_evaluation_protocol_3d(seg3d):
     np.testing.assert_array_equal(calls[0]["task"], "demo:ball")
     np.testing.assert_array_equal(calls[1]["box"], box_from_mask(torch.from_numpy(gt), 0.0, None).numpy())
     np.testing.assert_array_equal(calls[2]["points"], center_click(torch.from_numpy(gt)).numpy()[None])
-    clicks = [c for c in calls[3:]]
+    clicks = [c for c in calls[3:] if "points" in c]
+    assert calls[-1]["task"] == "demo:ball" and "points" not in calls[-1]  # auto_alone: the class alone again
     assert 1 <= len(clicks) <= 3 and len(clicks[-1]["points"]) == len(clicks)  # one click, then one corrective click per round
     np.testing.assert_array_equal(clicks[0]["points"], calls[2]["points"])
     np.testing.assert_array_equal(prompted_segmentation(seg3d, x, np.zeros_like(gt), "box", "demo:ball"), np.zeros_like(gt, np.uint8))
@@ -255,8 +278,9 @@ def test_window_encodings_are_cached_and_change_nothing(seg2d, tmp_path):
     for mode in ("auto", "box", "click3"):
         np.testing.assert_array_equal(prompted_segmentation(seg2d, x, gt, mode, "demo:ball"), prompted_segmentation(uncached, x, gt, mode, "demo:ball"))
     # task routing: the class prompt biases the expert weighting, so a window is encoded once per class asked of it: the four
-    # slices for automatic mode, and the two prompted slices once more without a class for the box and all the clicks
-    assert len(seg2d._cache) == 6 and len(uncached._cache) == 0
+    # slices once per class of the task for automatic mode (its classes compete), and the two prompted slices once more
+    # without a class for the box and all the clicks
+    assert len(seg2d._cache) == 10 and len(uncached._cache) == 0
     calls = []
     encode = seg2d.model.foundation.forward
     seg2d.model.foundation.forward = lambda *a, **k: calls.append(1) or encode(*a, **k)
