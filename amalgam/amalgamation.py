@@ -163,10 +163,11 @@ class ScaleAmalgamation(nn.Module):
                  else torch.ones(ctx.shape[:2], dtype=torch.bool, device=x_win.device))
         return keys, torch.cat([own, other], dim=1)
 
-    def forward(self, f_map: Tensor, expert_maps: Mapping[str, Tensor], source_bias: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, f_map: Tensor, expert_maps: Mapping[str, Tensor], source_bias: Tensor | None = None,
+                rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, _, *grid = f_map.shape
-        assert source_bias is None or tuple(source_bias.shape) == (B, len(self.names) + 1), source_bias.shape
+        n_out = B if rows is None else len(rows)
+        assert source_bias is None or tuple(source_bias.shape) == (n_out, len(self.names) + 1), source_bias.shape
         win = _window_shape(grid, self.window_size)
         pgrid = [g + (-g % w) for g, w in zip(grid, win)]
         n_windows = math.prod(p // w for p, w in zip(pgrid, win))
@@ -197,6 +198,9 @@ class ScaleAmalgamation(nn.Module):
             logits = (logits / self.temperature).float()  # attribution maps stay float32 under autocast
         else:  # uniform: every candidate scores the same
             logits = torch.zeros(candidates.shape[:-1], device=candidates.device)
+        if rows is not None:  # output elements that share a feature row share everything above; the prior differs
+            take = (rows.to(logits.device)[:, None] * n_windows + torch.arange(n_windows, device=logits.device)).flatten()
+            logits, candidates = logits[take], candidates[take]
         if source_bias is not None:  # one prior per element, the same in each of its windows (B-major, see to_windows)
             logits = logits + source_bias.float().repeat_interleave(n_windows, 0)[:, None]
         weights = torch.softmax(logits, dim=-1)
@@ -204,7 +208,7 @@ class ScaleAmalgamation(nn.Module):
         gold = self.out_norm(merged + self.mlp(self.mlp_norm(merged)))
 
         crop = (slice(None), slice(None), *(slice(0, g) for g in grid))
-        return from_windows(gold, win, B, pgrid)[crop], from_windows(weights, win, B, pgrid)[crop]
+        return from_windows(gold, win, n_out, pgrid)[crop], from_windows(weights, win, n_out, pgrid)[crop]
 
 # %% ../nbs/05_amalgamation.ipynb
 @dataclass
@@ -298,7 +302,7 @@ class AmalgamationLayer(nn.Module):
         return torch.where((classes >= 0)[:, None], table[classes.clamp(min=0)], 0.0)
 
     def _check(self, foundation_features: Sequence[Tensor], expert_features: Mapping[str, Sequence[Tensor]],
-               source_bias: Tensor | None) -> None:
+               source_bias: Tensor | None, rows: Tensor | None = None) -> None:
         nd = self.spatial_dims + 2
         if len(foundation_features) != len(self.foundation_channels):
             raise AmalgamError(f"foundation_features: expected {len(self.foundation_channels)} maps, got "
@@ -319,20 +323,28 @@ class AmalgamationLayer(nn.Module):
                 if t.ndim != nd or t.shape[1] != c or t.shape[0] != batch:
                     raise AmalgamError(f"expert_features[{n!r}][{i}]: expected {batch} x {c} x {self.spatial_dims} "
                                        f"spatial dims, got {tuple(t.shape)}")
-        sources = len(self.expert_names) + 1
+        if rows is not None and not (isinstance(rows, Tensor) and rows.ndim == 1 and not rows.is_floating_point()
+                                     and len(rows) and 0 <= int(rows.min()) and int(rows.max()) < batch):
+            raise AmalgamError(f"rows: expected a non-empty 1D integer tensor of feature rows 0..{batch - 1}, got "
+                               f"{rows if not isinstance(rows, Tensor) else (tuple(rows.shape), rows.dtype)}")
+        sources, n_out = len(self.expert_names) + 1, batch if rows is None else len(rows)
         shape = tuple(source_bias.shape) if isinstance(source_bias, Tensor) else type(source_bias).__name__
-        if source_bias is not None and shape != (batch, sources):
-            raise AmalgamError(f"source_bias: expected a tensor {batch} x {sources} (batch x (experts + foundation)), "
-                               f"got {shape}")
+        if source_bias is not None and shape != (n_out, sources):
+            raise AmalgamError(f"source_bias: expected a tensor {n_out} x {sources} (output elements x (experts + "
+                               f"foundation)), got {shape}")
 
     def forward(self,
                 foundation_features: Sequence[Tensor],  # one B x C_i x *grid_i map per foundation stride
                 expert_features: Mapping[str, Sequence[Tensor]],  # expert name -> one map per encoder stage
                 source_bias: Tensor | None = None,  # B x (K+1) gate bias per element (see `source_bias`), or None
+                # the feature row of each output element (default: one each); elements that share a row share its
+                # attention, and only their `source_bias` rows (hence gates and gold features) differ
+                rows: Tensor | None = None,
                ) -> AmalgamationOutput:
-        self._check(foundation_features, expert_features, source_bias)
+        self._check(foundation_features, expert_features, source_bias, rows)
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         features, gold, weights = list(foundation_features), {}, {}
+        if rows is not None: features = [f[rows.to(f.device)] for f in features]
         for s in self.scales:
             i = self.foundation_strides.index(s)
             f_map = foundation_features[i]
@@ -342,8 +354,8 @@ class AmalgamationLayer(nn.Module):
                 e = expert_features[n][self.stage_for_scale[s][n]].detach().to(f_map.dtype)
                 experts[n] = (e if tuple(e.shape[2:]) == grid
                               else F.interpolate(e, size=grid, mode=mode, align_corners=False))
-            gold[s], weights[s] = self.blocks[str(s)](f_map, experts, source_bias)
-            features[i] = f_map + _pointwise(self.back[str(s)], gold[s])
+            gold[s], weights[s] = self.blocks[str(s)](f_map, experts, source_bias, rows)
+            features[i] = features[i] + _pointwise(self.back[str(s)], gold[s])
         return AmalgamationOutput(features, gold, weights, (*self.expert_names, "foundation"))
 
 # %% ../nbs/05_amalgamation.ipynb

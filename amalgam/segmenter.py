@@ -189,7 +189,7 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
     prompt on it (each prompt mode, each corrective click), which is most of the cost of evaluating a volume. With task
     routing the class prompt (`classes`, `B`, -1 for none) biases the expert weighting, so a window is amalgamated once
     per class it is asked for; equal windows in the batch (a window asked for several classes) share one foundation and
-    expert pass."""
+    expert pass and the amalgamation's attention (only its gate reads the class, see `AmalgamationLayer`'s `rows`)."""
     tag = b"" if not stats else b"".join(stats[n].float().cpu().numpy().tobytes() for n in sorted(stats))
     routed = (classes is not None and self.model.amalgamation is not None
               and self.model.amalgamation.class_bias is not None)
@@ -202,14 +202,14 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
         for i in todo: first.setdefault(keys[i][:-4], i)  # the window's digest (and stats), not its class
         slot = torch.tensor([list(first).index(keys[i][:-4]) for i in todo])
         xt = x[list(first.values())]
-        feats, weights = [f[slot] for f in m.foundation(zscore(xt))], {}
-        if m.amalgamation is not None:
+        feats, weights = m.foundation(zscore(xt)), {}
+        if m.amalgamation is None: feats = [f[slot] for f in feats]
+        else:
             rows = (None if stats is None
                     else {n: s[None].expand(len(xt), -1, -1).to(xt.device) for n, s in stats.items()})
             bias = m.amalgamation.source_bias(torch.tensor([cls[i] for i in todo])) if routed else None
-            expert_maps = {n: [f[slot] for f in fs]
-                           for n, fs in m.experts.encode(xt, stats=rows, taps=m.expert_taps).items()}
-            out = m.amalgamation(feats, expert_maps, source_bias=bias)
+            out = m.amalgamation(feats, m.experts.encode(xt, stats=rows, taps=m.expert_taps), source_bias=bias,
+                                 rows=slot)
             feats, weights = out.features, out.weights
         for j, i in enumerate(todo):
             entry = ([f[j:j + 1] for f in feats], {s: w[j:j + 1] for s, w in weights.items()})
