@@ -430,8 +430,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--prompts", help="JSON file of clicks/boxes (schema above)")
     how.add_argument("--auto", action="store_true", help="automatic mode: segment --task without clicks or boxes")
-    p.add_argument("--task", help="for --auto: 'task:class' (one mask), or a task (one label map of all its classes, "
-                                   "with the task's label values)")
+    p.add_argument("--task", help="for --auto: 'task:class' (one mask: the class's part of the task's label map), "
+                                   "or a task (one label map of all its classes, with the task's label values)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <name>_probability.nii.gz (a whole task: <name>_probabilities.nii.gz, 4D, + .json)")
     p.add_argument("--save-weights", action="store_true",
