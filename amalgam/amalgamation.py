@@ -199,7 +199,8 @@ class ScaleAmalgamation(nn.Module):
         else:  # uniform: every candidate scores the same
             logits = torch.zeros(candidates.shape[:-1], device=candidates.device)
         if rows is not None:  # output elements that share a feature row share everything above; the prior differs
-            take = (rows.to(logits.device)[:, None] * n_windows + torch.arange(n_windows, device=logits.device)).flatten()
+            at = rows.to(logits.device)[:, None] * n_windows
+            take = (at + torch.arange(n_windows, device=logits.device)).flatten()
             logits, candidates = logits[take], candidates[take]
         if source_bias is not None:  # one prior per element, the same in each of its windows (B-major, see to_windows)
             logits = logits + source_bias.float().repeat_interleave(n_windows, 0)[:, None]

@@ -200,7 +200,8 @@ def _encode(self: Segmenter, x: Tensor, stats: Mapping[str, Tensor] | None = Non
     if todo:
         m, first = self.model, {}
         for i in todo: first.setdefault(keys[i][:-4], i)  # the window's digest (and stats), not its class
-        slot = torch.tensor([list(first).index(keys[i][:-4]) for i in todo])
+        order = {k: j for j, k in enumerate(first)}
+        slot = torch.tensor([order[keys[i][:-4]] for i in todo])
         xt = x[list(first.values())]
         feats, weights = m.foundation(zscore(xt)), {}
         if m.amalgamation is None: feats = [f[slot] for f in feats]
@@ -329,7 +330,7 @@ def _result(self: Segmenter, out: Tensor, return_probability: bool, return_weigh
     label map (`label_map`: most probable of the task's classes, and above 0.5); the probability stays its own."""
     n_cls, own = channels
     prob = out[own].numpy().astype(np.float32)
-    mask = (prob > 0.5) & (out[:n_cls].argmax(0) == own).numpy()
+    mask = label_map(out[:n_cls].numpy(), range(1, n_cls + 1)) == own + 1
     weights = ({n: out[n_cls + i].numpy().astype(np.float32) for i, n in enumerate(self.weight_names)}
                if return_weights else None)
     return SegmentationResult(mask.astype(np.uint8), prob if return_probability else None, weights)

@@ -120,8 +120,8 @@ def test_automatic_mode_and_expert_weights(seg3d):
 
 
 def test_automatic_mode_classes_compete(seg3d, seg2d):
-    """Automatic mode for one class answers as the task's label map does (and as an nnU-Net expert's softmax): a voxel two
-    classes both claim goes to the more probable one. `exclusive=False` keeps each class's own probability > 0.5, and a
+    """Automatic mode for one class answers as the task's label map does (and as an nnU-Net expert's softmax): a voxel
+    two classes both claim goes to the more probable one. `exclusive=False` keeps each class's own probability > 0.5, and a
     task given with a box is not a competition."""
     for seg, x in ((seg3d, image((32, 32, 64), seed=4)), (seg2d, image((3, 64, 64), seed=4))):
         task = seg.segment_task(x, "demo")

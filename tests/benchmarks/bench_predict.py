@@ -63,7 +63,8 @@ def nnunet_time(run_dir: str, task: str, scan: Path, work: Path) -> tuple[float,
     (inp / "ct_0000.nii.gz").symlink_to(scan)  # nnU-Net's file naming: case + channel
     env = {**os.environ, "nnUNet_extTrainer": str(install_trainers(work / "trainers"))}
     cmd = [str(Path(sys.executable).parent / "nnUNetv2_predict_from_modelfolder"), "-i", str(inp), "-o", str(out),
-           "-m", expert["folder"], "-f", str(expert["fold"]), "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
+           "-m", expert["folder"], "-f", str(expert["fold"]), "-device", "cpu", "--disable_tta",
+           "-npp", "1", "-nps", "1"]
     return run(cmd, env), expert["folder"]
 
 
