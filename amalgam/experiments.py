@@ -161,6 +161,7 @@ ABLATIONS = {
     "coarse_scales": {"model": {"scales": (8, 16, 32)}},
     "encoder_taps": {"model": {"expert_taps": "encoder"}},
     "no_expert_residual": {"model": {"expert_residual": False}},
+    "no_competition": {"loss": {"compete_weight": 0.0}},
 }
 
 def variant_edit(name: str, n_experts: int) -> dict:

@@ -19,13 +19,13 @@ from .config import AmalgamError, DictConfig, above, at_least, between, check_fi
 
 # %% auto 0
 __all__ = ['LossConfig', 'segmentation_loss', 'teacher_probability', 'teacher_confidence', 'distillation_loss', 'iou_targets',
-           'KA2ERLoss']
+           'competition_loss', 'KA2ERLoss']
 
 # %% ../nbs/09_losses.ipynb
 @dataclass
 class LossConfig(DictConfig):
     """Weights of the KA²ER loss terms: `dice_weight * Dice + ce_weight * BCE` (the segmentation loss),
-    `+ kd_weight * KD + iou_weight * IoU-MSE`."""
+    `+ kd_weight * KD + iou_weight * IoU-MSE + routing_weight * routing + compete_weight * competition`."""
     dice_weight: float = 1.0  # Dice loss against the ground truth
     ce_weight: float = 1.0  # binary cross-entropy against the ground truth
     kd_weight: float = 0.5  # distillation from the task's expert (0 turns it off)
@@ -34,6 +34,8 @@ class LossConfig(DictConfig):
     kd_confidence: float = 0.0
     iou_weight: float = 1.0  # MSE of the IoU head against the IoU the mask really has
     routing_weight: float = 0.0  # auxiliary loss pulling each element's expert weights toward its own task's expert
+    # automatic batches: the task's classes compete, Dice + CE of a softmax over them against the label map (0: off)
+    compete_weight: float = 0.0
 
     def __post_init__(self):
         weights = {f.name: at_least(0) for f in dataclasses.fields(self)}
@@ -139,9 +141,38 @@ def iou_targets(logits: Tensor,  # B x M x *spatial mask logits
         return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 # %% ../nbs/09_losses.ipynb
+_class_dice = DiceLoss(include_background=False, reduction="none", smooth_nr=1.0, smooth_dr=1.0)
+
+def competition_loss(logits: Tensor,  # B x K x *spatial: per sample, its task's class logits, one per class prompt
+                     label: Tensor,  # B x 1 x *spatial label values of each sample's task
+                     values: Sequence[Sequence[int]],  # per sample, the label value of each of its channels (1..K)
+                     dice_weight: float = 1.0, ce_weight: float = 1.0) -> Tensor:
+    """Per-sample `dice_weight * Dice + ce_weight * CE` of a softmax over (background at logit 0, the sample's class
+    logits) against its label map: the rule of the automatic label map, trained. Dice is the mean over the sample's
+    classes; float32, shape `B`."""
+    _check_pair(logits, label, "logits", "label")
+    B, K = logits.shape[:2]
+    if len(values) != B or any(not 1 <= len(v) <= K for v in values):
+        raise AmalgamError(f"values: expected {B} lists (one per sample) of 1 to {K} label values (one per logits "
+                           f"channel), got lengths {[len(v) for v in values]}")
+    valid = torch.zeros(B, K, dtype=torch.bool, device=logits.device)
+    index = torch.zeros_like(label, dtype=torch.long)
+    for i, vs in enumerate(values):
+        valid[i, :len(vs)] = True
+        for k, v in enumerate(vs): index[i][label[i] == int(v)] = k + 1
+    with _no_autocast(logits):
+        z = logits.float().masked_fill(~valid.view(B, K, *(1,) * (logits.ndim - 2)), -1e4)  # padding never wins
+        z = torch.cat([torch.zeros_like(z[:, :1]), z], 1)
+        ce = F.cross_entropy(z, index[:, 0], reduction="none").flatten(1).mean(1)
+        onehot = F.one_hot(index[:, 0], K + 1).movedim(-1, 1).float()
+        dice = _class_dice(torch.softmax(z, 1), onehot).flatten(1)
+        dice = (dice * valid).sum(1) / valid.sum(1)
+    return dice_weight * dice + ce_weight * ce
+
+# %% ../nbs/09_losses.ipynb
 class KA2ERLoss(nn.Module):
     """SAM-style multimask loss: the best of M masks per sample is trained on Dice + BCE (+ KD from the expert); the IoU
-    head regresses all M."""
+    head regresses all M; with `class_logits`, the task's classes also compete (`competition_loss`)."""
     def __init__(self, config: LossConfig | None = None):
         super().__init__()
         self.config = config or LossConfig()
@@ -157,9 +188,13 @@ class KA2ERLoss(nn.Module):
                 teacher_weight: Tensor | None = None,  # B x 1 x *spatial: voxels to distil (see `teacher_confidence`)
                 expert_weights: Mapping[int, Tensor] | None = None,  # stride -> B x (K+1) x *grid amalgamation weights
                 own_expert: Tensor | None = None,  # B: channel of each element's own expert in the weights (-1: none)
+                # B x K x *spatial: per sample, its task's class logits (automatic batches), for `compete_weight`
+                class_logits: Tensor | None = None,
+                label: Tensor | None = None,  # B x 1 x *spatial label values, with class_logits
+                class_values: Sequence[Sequence[int]] | None = None,  # per sample, class_logits' label values
                 ) -> dict:
-        """dict(loss: float32 scalar to backpropagate; seg, kd, iou: its float32 parts, detached for logging;
-        mask_index: LongTensor B, the mask trained per sample)."""
+        """dict(loss: float32 scalar to backpropagate; seg, kd, iou, routing, compete: its float32 parts, detached
+        for logging; routing_acc; mask_index: LongTensor B, the mask trained per sample)."""
         c = self.config
         _check_pair(masks, target, "masks", "target")
         B, M = masks.shape[:2]
@@ -193,5 +228,11 @@ class KA2ERLoss(nn.Module):
             routing_acc = routing_accuracy(expert_weights, own_expert)
             if c.routing_weight > 0: routing = routing_loss(expert_weights, own_expert)
             loss = loss + c.routing_weight * routing
+        compete = seg.new_zeros(())
+        if class_logits is not None and c.compete_weight > 0:
+            if label is None or class_values is None:
+                raise AmalgamError("class_logits: the competition needs the label map and class_values too")
+            compete = competition_loss(class_logits, label, class_values, c.dice_weight, c.ce_weight).mean()
+            loss = loss + c.compete_weight * compete
         return dict(loss=loss, seg=seg.detach(), kd=kd.detach(), iou=iou_loss.detach(), routing=routing.detach(),
-                    routing_acc=routing_acc.detach(), mask_index=mask_index)
+                    routing_acc=routing_acc.detach(), compete=compete.detach(), mask_index=mask_index)

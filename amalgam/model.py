@@ -236,10 +236,18 @@ class KA2ER(nn.Module):
                 # logits)
                 expert_features: Mapping[str, Sequence[Tensor]] | None = None,
                 expert_stats: Mapping[str, Tensor] | None = None,  # expert name -> B x C x 2 volume (mean, std)
+                # the image row of each output element (default: one each); prompts and task are then per output
+                # element, and elements that share an image share its foundation, expert and attention passes
+                rows: Tensor | None = None,
                ) -> KA2EROutput:
         self.foundation.check_input(image)
+        B = image.shape[0]
+        if rows is not None and not (isinstance(rows, Tensor) and rows.ndim == 1 and not rows.is_floating_point()
+                                     and len(rows) and 0 <= int(rows.min()) and int(rows.max()) < B):
+            raise AmalgamError(f"KA2ER.forward: rows must be a non-empty 1D integer tensor of image rows 0..{B - 1}, "
+                               f"got {rows if not isinstance(rows, Tensor) else (tuple(rows.shape), rows.dtype)}")
         # the prompt tensors are checked where they enter (Prompts.validate)
-        prompts = self._prompts(prompts, task, image.shape[0])
+        prompts = self._prompts(prompts, task, B if rows is None else len(rows))
         if expert_features is not None and self.experts is None:
             raise AmalgamError("KA2ER.forward: expert_features given to the baseline model, which has no experts")
         if expert_features is not None and expert_stats is not None:
@@ -252,8 +260,9 @@ class KA2ER(nn.Module):
             # computed here, the experts' maps (full-resolution stages included) are freed once amalgamated, before the
             # decoder runs
             out = self.amalgamation(features, self.expert_features(image, stats=expert_stats) if expert_features is None
-                                    else expert_features, source_bias=bias)
+                                    else expert_features, source_bias=bias, rows=rows)
             features, weights, names = out.features, out.weights, tuple(out.expert_names)
+        elif rows is not None: features = [f[rows.to(f.device)] for f in features]
         masks, iou = self.decode(features, prompts, multimask_output)
         return KA2EROutput(masks, iou, weights, names)
 

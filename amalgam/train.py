@@ -38,8 +38,8 @@ from .run import best_mask, config_diff, load_state, multimask_for, read_checkpo
 # %% auto 0
 __all__ = ['TrainConfig', 'lr_factor', 'parameter_groups', 'build_optimizer', 'DistContext', 'distributed_context', 'autocast',
            'task_experts', 'teacher_rows', 'teacher_channel', 'teacher_targets', 'add_click', 'StepContext',
-           'own_expert', 'expert_volume_stats', 'case_stats', 'click_rounds', 'mask_teacher_targets', 'train_step',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'train']
+           'own_expert', 'expert_volume_stats', 'case_stats', 'click_rounds', 'mask_teacher_targets', 'task_rivals',
+           'competition_prompts', 'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'train']
 
 # %% ../nbs/11_train.ipynb
 _AMP_MODES = ("auto", "bf16", "off")
@@ -224,6 +224,8 @@ class StepContext:
     teacher_stats: dict[str, Tensor] | None = None  # `volume_stats` of `teachers`
     teacher_model: KA2ER | None = None  # a trained KA²ER that distils into an expert-free student (`amalgam.student`)
     teacher_model_stats: dict[str, Tensor] | None = None  # `volume_stats` of the teacher model's experts
+    # task -> (vocabulary index, label value) of each class: they compete in automatic batches (`task_rivals`)
+    rivals: dict[str, list[tuple[int, int]]] | None = None
 
 def own_expert(tasks: Sequence[str], model: KA2ER) -> Tensor:
     """Per element the channel of its own task's expert in `model`'s expert weights (-1: its expert is not amalgamated,
@@ -293,6 +295,39 @@ def mask_teacher_targets(teacher: KA2ER, image: Tensor, prompts: Prompts, multim
     weight = teacher_confidence(two, confidence) if confidence > 0 else None
     return teacher_probability(two, [1] * len(z), temperature), weight
 
+def task_rivals(labels: Mapping[str, Mapping[str, int]], class_names: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+    """task -> (vocabulary index, label value) of each of its classes in label-value order, from the manifests'
+    `labels` (`MultiTaskDataset.labels`): the classes that compete in an automatic batch."""
+    names, out = list(class_names), {}
+    for task, named in labels.items():
+        pairs = sorted((int(v), n) for n, v in named.items() if int(v) != 0)
+        missing = [f"{task}:{n}" for _, n in pairs if f"{task}:{n}" not in names]
+        if missing:
+            raise AmalgamError(f"task_rivals: classes {missing} of the manifests are not in the model's vocabulary "
+                               f"{names}")
+        out[task] = [(names.index(f"{task}:{n}"), v) for v, n in pairs]
+    return out
+
+def competition_prompts(batch: Batch, rivals: Mapping[str, Sequence[tuple[int, int]]]
+                        ) -> tuple[Prompts, Tensor, Tensor, list[list[int]]]:
+    """An automatic batch's class prompts widened to every class of each element's task: (the prompts, one class per
+    output; `rows`, the element each output reads, for `KA2ER.forward`; the output of each element's own prompted
+    class; per element the label values of its outputs, in order)."""
+    classes, rows, own, values = [], [], [], []
+    for i, (task, value) in enumerate(zip(batch.task, batch.class_value)):
+        vs = [v for _, v in rivals[task]]
+        own.append(len(rows) + vs.index(int(value)))
+        classes += [k for k, _ in rivals[task]]
+        rows += [i] * len(vs)
+        values.append(vs)
+    return (Prompts(classes=torch.tensor(classes, dtype=torch.long)), torch.tensor(rows, dtype=torch.long),
+            torch.tensor(own, dtype=torch.long), values)
+
+def _class_logits(masks: Tensor, values: Sequence[Sequence[int]]) -> Tensor:
+    "`masks` (one output per asked class, `N x 1 x *patch`) as `B x K x *patch`: each element's classes, zero-padded."
+    k, per = max(map(len, values)), torch.split(masks[:, 0], [len(v) for v in values])
+    return torch.stack([torch.cat([p, p.new_zeros(k - len(p), *p.shape[1:])]) for p in per])
+
 def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
     "Forward and backward of one batch on this rank (gradients are left in `.grad`); returns the detached loss terms."
     feats, logits = None, {}
@@ -318,14 +353,22 @@ def train_step(s: StepContext, batch: Batch, step: int) -> dict[str, Tensor]:
                 s.teacher_model, batch.image, prompts, multimask,
                 case_stats(s.teacher_model_stats, batch.case_index), c.kd_temperature, c.kd_confidence)
         has_teacher = torch.ones(len(batch.task), dtype=torch.bool)
+    asked, rows = prompts, None
+    if batch.mode == "auto" and s.rivals and c.compete_weight > 0:  # every class of each element's task, on one pass
+        asked, rows, own_out, values = competition_prompts(batch, s.rivals)
+        asked = asked.to(s.dist.device)
     with autocast(s.config, s.dist.device):
-        out = s.model(batch.image, prompts, multimask_output=multimask, expert_features=feats)
+        out = s.model(batch.image, asked, multimask_output=multimask, expert_features=feats, rows=rows)
+    masks, iou, weights, competing = out.masks.float(), out.iou.float(), out.expert_weights, {}
+    if rows is not None:  # the prompted class's output is the element's; all of them compete
+        competing = dict(class_logits=_class_logits(masks, values), label=batch.label, class_values=values)
+        masks, iou, weights = masks[own_out], iou[own_out], {k: w[own_out] for k, w in weights.items()}
     own = own_expert(batch.task, s.module)
-    terms = s.loss(out.masks.float(), out.iou.float(), batch.target, teacher,
+    terms = s.loss(masks, iou, batch.target, teacher,
                    None if teacher is None else has_teacher.to(batch.target.device), teacher_weight,
-                   expert_weights=out.expert_weights, own_expert=own)
+                   expert_weights=weights, own_expert=own, **competing)
     terms["loss"].backward()
-    return {k: terms[k].detach() for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc")}
+    return {k: terms[k].detach() for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "compete")}
 
 # %% ../nbs/11_train.ipynb
 def rng_state() -> dict:
@@ -538,12 +581,13 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
     if teachers is not None: teachers.to(ctx.device)
     teaching = teachers if teachers is not None else experts
     experts_of = task_experts(teaching, dataset.tasks) if loss_config.kd_weight > 0 else {}
+    rivals = task_rivals(dataset.labels, module.class_names) if loss_config.compete_weight > 0 else None
     s = StepContext(model, module, experts, experts_of, KA2ERLoss(loss_config), loss_config, train_config, ctx,
                     expert_volume_stats(experts, dataset), teachers,
                     expert_volume_stats(teachers, dataset) if teachers is not None and experts_of else None,
                     teacher_model=None if teacher_model is None else teacher_model.to(ctx.device).eval(),
                     teacher_model_stats=None if teacher_model is None
-                    else expert_volume_stats(teacher_model.experts, dataset))
+                    else expert_volume_stats(teacher_model.experts, dataset), rivals=rivals)
     bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
                disable=not (progress and ctx.is_main), desc=run_dir.name)
     window, n_window = 0.0, 0
@@ -579,4 +623,5 @@ def train(run_dir: str | os.PathLike, manifests: Sequence[Manifest | str | os.Pa
 def _summary(run_dir, steps, start, ctx, last, seconds) -> dict:
     return {"run_dir": str(run_dir), "step": steps, "resumed_from": start or None, "world_size": ctx.world_size,
             "seconds": seconds,
-            **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "grad_norm", "lr")}}
+            **{k: last.get(k) for k in ("loss", "seg", "kd", "iou", "routing", "routing_acc", "compete",
+                                        "grad_norm", "lr")}}

@@ -181,6 +181,18 @@ def test_baseline_trains_without_experts_or_distillation(data_dir, tmp_path):
     assert model.experts is None and model.amalgamation is None
 
 
+def test_competing_classes_train_in_automatic_batches(data_dir, tmp_path):
+    "With compete_weight, the automatic batch (step 4 of this seed) adds the competition of the task's classes, for both methods."
+    from amalgam.losses import LossConfig
+    for name, with_experts in (("ka2er", True), ("baseline", False)):
+        kw = {**setup(data_dir, steps=4, experts=with_experts), "loss_config": LossConfig(compete_weight=1.0)}
+        with one_thread(): train(tmp_path / name, **kw, progress=False)
+        logs = metrics(tmp_path / name)
+        assert [r["mode"] for r in logs] == ["points", "box", "points", "auto"]
+        assert all(r["compete"] == 0 for r in logs[:3]) and logs[3]["compete"] > 0, name
+        assert read_run_config(tmp_path / name)["loss"]["compete_weight"] == 1.0
+
+
 def test_weight_decay_spares_norms_biases_and_embeddings(reference):
     model = load_run(reference[0], experts=reference[2]["experts"])
     decay, no_decay = (set(map(id, g["params"])) for g in parameter_groups(model, 0.05))
