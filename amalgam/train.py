@@ -295,7 +295,8 @@ def mask_teacher_targets(teacher: KA2ER, image: Tensor, prompts: Prompts, multim
     weight = teacher_confidence(two, confidence) if confidence > 0 else None
     return teacher_probability(two, [1] * len(z), temperature), weight
 
-def task_rivals(labels: Mapping[str, Mapping[str, int]], class_names: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+def task_rivals(labels: Mapping[str, Mapping[str, int]], class_names: Sequence[str]
+                ) -> dict[str, list[tuple[int, int]]]:
     """task -> (vocabulary index, label value) of each of its classes in label-value order, from the manifests'
     `labels` (`MultiTaskDataset.labels`): the classes that compete in an automatic batch."""
     names, out = list(class_names), {}
