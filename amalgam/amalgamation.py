@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .config import AmalgamError
 
 # %% auto 0
-__all__ = ['expert_stages', 'closest_stage', 'to_windows', 'from_windows', 'pooled_context', 'ScaleAmalgamation',
+__all__ = ['expert_stages', 'closest_stage', 'to_windows', 'from_windows', 'pooled_context', 'ScaleAmalgamation', 'check_rows',
            'AmalgamationOutput', 'AmalgamationLayer', 'routing_accuracy', 'routing_loss']
 
 # %% ../nbs/05_amalgamation.ipynb
@@ -212,6 +212,14 @@ class ScaleAmalgamation(nn.Module):
         return from_windows(gold, win, n_out, pgrid)[crop], from_windows(weights, win, n_out, pgrid)[crop]
 
 # %% ../nbs/05_amalgamation.ipynb
+def check_rows(rows: Tensor | None, batch: int, name: str = "rows") -> None:
+    """`rows` (the feature row of each output element, or None) must be a non-empty 1D integer tensor of rows
+    0..`batch` - 1; else one line naming `name`."""
+    if rows is None or (isinstance(rows, Tensor) and rows.ndim == 1 and not rows.is_floating_point()
+                        and len(rows) and 0 <= int(rows.min()) and int(rows.max()) < batch): return
+    got = (tuple(rows.shape), rows.dtype) if isinstance(rows, Tensor) else rows
+    raise AmalgamError(f"{name}: expected a non-empty 1D integer tensor of rows 0..{batch - 1}, got {got}")
+
 @dataclass
 class AmalgamationOutput:
     "What `AmalgamationLayer` returns."
@@ -324,10 +332,7 @@ class AmalgamationLayer(nn.Module):
                 if t.ndim != nd or t.shape[1] != c or t.shape[0] != batch:
                     raise AmalgamError(f"expert_features[{n!r}][{i}]: expected {batch} x {c} x {self.spatial_dims} "
                                        f"spatial dims, got {tuple(t.shape)}")
-        if rows is not None and not (isinstance(rows, Tensor) and rows.ndim == 1 and not rows.is_floating_point()
-                                     and len(rows) and 0 <= int(rows.min()) and int(rows.max()) < batch):
-            raise AmalgamError(f"rows: expected a non-empty 1D integer tensor of feature rows 0..{batch - 1}, got "
-                               f"{rows if not isinstance(rows, Tensor) else (tuple(rows.shape), rows.dtype)}")
+        check_rows(rows, batch, "rows")
         sources, n_out = len(self.expert_names) + 1, batch if rows is None else len(rows)
         shape = tuple(source_bias.shape) if isinstance(source_bias, Tensor) else type(source_bias).__name__
         if source_bias is not None and shape != (n_out, sources):

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .amalgamation import AmalgamationLayer
+from .amalgamation import AmalgamationLayer, check_rows
 from .config import (SPATIAL_DIMS, AmalgamError, DictConfig, check_fields, did_you_mean, int_at_least, one_of,
                             rng, write_json)
 from .experts import TAPS, ExpertBank
@@ -242,10 +242,7 @@ class KA2ER(nn.Module):
                ) -> KA2EROutput:
         self.foundation.check_input(image)
         B = image.shape[0]
-        if rows is not None and not (isinstance(rows, Tensor) and rows.ndim == 1 and not rows.is_floating_point()
-                                     and len(rows) and 0 <= int(rows.min()) and int(rows.max()) < B):
-            raise AmalgamError(f"KA2ER.forward: rows must be a non-empty 1D integer tensor of image rows 0..{B - 1}, "
-                               f"got {rows if not isinstance(rows, Tensor) else (tuple(rows.shape), rows.dtype)}")
+        check_rows(rows, B, "KA2ER.forward: rows")
         # the prompt tensors are checked where they enter (Prompts.validate)
         prompts = self._prompts(prompts, task, B if rows is None else len(rows))
         if expert_features is not None and self.experts is None:
