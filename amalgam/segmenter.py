@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import AmalgamError, did_you_mean
 from .data import DataConfig
+from .losses import LossConfig
 from .model import KA2ER, zscore
 from .prompts import Prompts
 from .bundles import class_label_values, open_bundle
@@ -28,7 +29,7 @@ from .run import best_mask, load_run, multimask_for, read_run_config
 
 # %% auto 0
 __all__ = ['MASK_BACKGROUND', 'voxel_to_world', 'world_to_voxel', 'SegmentationResult', 'TaskSegmentation', 'label_map',
-           'Segmenter']
+           'trained_to_compete', 'Segmenter']
 
 # %% ../nbs/12_segmenter.ipynb
 def _homogeneous(points, affine, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -344,6 +345,11 @@ def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
                            f"got shape {m.shape}" + ("" if m.shape != tuple(shape) else " with NaN/inf values"))
     return m
 
+def trained_to_compete(config: Mapping) -> bool:
+    """Whether the run of `config` (its `config.json`) was trained with its tasks' classes competing
+    (`LossConfig.compete_weight` > 0): the rule its automatic mode then answers by (`Segmenter.exclusive`)."""
+    return LossConfig.from_dict(config.get("loss", {}), "config.json: loss").compete_weight > 0
+
 class Segmenter:
     """A trained KA²ER (or baseline) model that segments whole volumes from prompts: clicks, a box, or a task name
     (automatic mode)."""
@@ -357,7 +363,8 @@ class Segmenter:
                  label_values: Mapping[str, Mapping[str, int | None]] | None = None,  # task -> class -> label value
                  # automatic mode: a voxel is the asked class's only where that class is also the most probable of its
                  # task's classes, as an nnU-Net expert's softmax decides (each class of the task is decoded on the
-                 # same windows); False: the class's own probability > 0.5, so classes may overlap
+                 # same windows); False: the class's own probability > 0.5, so classes may overlap. `from_run`: the
+                 # rule the run was trained with (`trained_to_compete`)
                  exclusive: bool = True,
                 ):
         if model.spatial_dims != data_config.spatial_dims or len(data_config.patch_size) != model.spatial_dims:
@@ -384,6 +391,7 @@ class Segmenter:
         folders)."""
         model, cfg = load_run(run_dir, device=device), read_run_config(run_dir)
         kwargs.setdefault("label_values", class_label_values(cfg))
+        kwargs.setdefault("exclusive", trained_to_compete(cfg))
         return cls(model, DataConfig.from_dict(cfg["data"]), device, **kwargs)
 
     @classmethod

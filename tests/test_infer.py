@@ -21,9 +21,11 @@ TINY = dict(feature_size=12, hidden_dim=24, num_heads=2, transformer_dim=32, dec
 TASKS = {"demo": ["ball", "cube"]}
 
 
-def make_run(run_dir, spatial_dims=3, patch_size=(32, 32, 64), pixdim=None, seed=0, checkpoint=True, **model):
+def make_run(run_dir, spatial_dims=3, patch_size=(32, 32, 64), pixdim=None, seed=0, checkpoint=True,
+             loss=LossConfig(compete_weight=1.0), **model):
     """A run folder as amalgam.train writes it (config.json, model.pt), without training: a random-init model around one
-    saved tiny expert; `model`: more `KA2ERConfig` fields."""
+    saved tiny expert, recorded as trained with `loss` (by default with its classes competing); `model`: more
+    `KA2ERConfig` fields."""
     expert = tiny_test_expert(spatial_dims, 1, 3, name="demo", seed=seed)
     folder = save_model_folder(expert, run_dir.parent / f"{run_dir.name}_expert" / "Dataset001_Demo" / f"nnUNetTrainer__nnUNetPlans__{expert.configuration}")
     config = KA2ERConfig(spatial_dims=spatial_dims, tasks=TASKS, seed=seed, **TINY, **model)
@@ -32,7 +34,7 @@ def make_run(run_dir, spatial_dims=3, patch_size=(32, 32, 64), pixdim=None, seed
         for p in model.decoder.output_hypernetworks_mlps.parameters(): p.mul_(4)
     data = DataConfig(spatial_dims=spatial_dims, patch_size=patch_size, pixdim=pixdim)
     write_json(run_dir / "config.json", {
-        "model": config.to_dict(), "data": data.to_dict(), "train": TrainConfig().to_dict(), "loss": LossConfig().to_dict(),
+        "model": config.to_dict(), "data": data.to_dict(), "train": TrainConfig().to_dict(), "loss": loss.to_dict(),
         "experts": [{"name": "demo", "task": "demo", "folder": str(folder), "fold": 0, "labels": dict(expert.labels)}], "manifests": []})
     if checkpoint: torch.save({"model": model.state_dict(), "step": 0}, run_dir / "model.pt")
     return run_dir
@@ -138,6 +140,20 @@ def test_automatic_mode_classes_compete(seg3d, seg2d):
         assert both.any() and (task.labels[both] > 0).all()  # the own masks overlap, and the label map settles it
         boxed = seg.segment(x, box=[[0, 2, 3], [1, 30, 40]], task="demo:ball", return_probability=True)
         np.testing.assert_array_equal(boxed.mask, boxed.probability > 0.5)
+
+
+def test_automatic_mode_answers_by_the_rule_the_run_was_trained_with(tmp_path):
+    """A run trained with its classes competing answers automatic mode by the competition; one trained a class at a time
+    answers each class alone; an explicit `exclusive` wins."""
+    x = image((2, 64, 64), seed=4)
+    alone_run = make_run(tmp_path / "alone", 2, (64, 64), loss=LossConfig())
+    seg = Segmenter.from_run(alone_run)
+    assert not seg.exclusive and Segmenter.from_run(make_run(tmp_path / "compete", 2, (64, 64))).exclusive
+    competing = Segmenter.from_run(alone_run, exclusive=True)
+    task, own = competing.segment_task(x, "demo"), seg.segment(x, task="demo:ball", return_probability=True)
+    np.testing.assert_array_equal(own.mask, own.probability > 0.5)
+    np.testing.assert_array_equal(competing.segment(x, task="demo:ball").mask, task.labels == task.values[0])
+    assert (own.mask != competing.segment(x, task="demo:ball").mask).any()  # the two rules differ on this model
 
 
 def test_decoder_taps_reach_the_segmenter(tmp_path):
