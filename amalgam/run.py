@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .config import AmalgamError, key_coverage, load_weights, sha256_file
 from .data import DataConfig
+from .losses import LossConfig
 from .experts import Expert, ExpertBank
 from .manifests import Manifest, load_manifest
 from .model import KA2ER, KA2ERConfig, build_model
@@ -92,7 +93,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if missing:
         raise AmalgamError(f"{path}: missing key(s) {missing}")
     # what loading the run builds: checked here, named by this file
-    for key, cls in (("model", KA2ERConfig), ("data", DataConfig)):
+    for key, cls in (("model", KA2ERConfig), ("data", DataConfig), ("loss", LossConfig)):
         cls.from_dict(cfg[key], f"{path}: {key}")
     return cfg
 

@@ -346,9 +346,10 @@ def _mask_input(mask_input, shape: Sequence[int]) -> np.ndarray | None:
     return m
 
 def trained_to_compete(config: Mapping) -> bool:
-    """Whether the run of `config` (its `config.json`) was trained with its tasks' classes competing
-    (`LossConfig.compete_weight` > 0): the rule its automatic mode then answers by (`Segmenter.exclusive`)."""
-    return LossConfig.from_dict(config.get("loss", {}), "config.json: loss").compete_weight > 0
+    """Whether the run of `config` (its `config.json`, as `read_run_config` checked it) was trained with its tasks'
+    classes competing (`LossConfig.compete_weight` > 0): the rule its automatic mode then answers by
+    (`Segmenter.exclusive`)."""
+    return LossConfig.from_dict(config["loss"]).compete_weight > 0
 
 class Segmenter:
     """A trained KA²ER (or baseline) model that segments whole volumes from prompts: clicks, a box, or a task name
