@@ -51,7 +51,8 @@ class DemoProfile:
     parameters: Mapping[str, Mapping] = field(default_factory=dict)  # step -> {notebook parameter: value}
 
 # The proof profile's ablations: the two amalgamation choices the proof recipe added (decoder taps, expert residual) and
-# distillation, each against a reference trained alongside (3 variants + 1 reference fit the two hours; all 16 do not).
+# distillation, each against a reference trained alongside (3 variants + 1 reference: about an hour on 2 cores, all 17:
+# several hours).
 PROOF_ABLATIONS = ("encoder_taps", "no_expert_residual", "no_distillation")
 
 _KA2ER_STEPS = ("train", "evaluate", "ablations")  # one recipe: the ablations' reference run is the training step's

@@ -159,17 +159,22 @@ ABLATIONS = {
     "no_routing_loss": {"loss": {"routing_weight": 0.0}},
     "no_kd_confidence": {"loss": {"kd_confidence": 0.0}},
     "coarse_scales": {"model": {"scales": (8, 16, 32)}},
+    # the recipe's strides without stride 1, where most of a step's time goes when the recipe has it; an edit that
+    # depends on the recipe is a function of it (a recipe without stride 1 is its own no_full_resolution)
+    "no_full_resolution": lambda r: {"model": {"scales": tuple(s for s in r.model.scales if s != 1) or r.model.scales}},
     "encoder_taps": {"model": {"expert_taps": "encoder"}},
     "no_expert_residual": {"model": {"expert_residual": False}},
     "no_competition": {"loss": {"compete_weight": 0.0}},
 }
 
-def variant_edit(name: str, n_experts: int) -> dict:
-    """The recipe patch that makes variant `name` (`ka2er`, `baseline`, an `ABLATIONS` key, or `experts_k<k>` with
-    1 <= k <= `n_experts`)."""
+def variant_edit(name: str, n_experts: int, recipe: Recipe | None = None) -> dict:
+    """The patch of `recipe` (default `Recipe()`) that makes variant `name` (`ka2er`, `baseline`, an `ABLATIONS` key,
+    or `experts_k<k>` with 1 <= k <= `n_experts`)."""
     if name == "ka2er": return {}
     if name == "baseline": return {"experts": {"amalgamate": 0}}
-    if name in ABLATIONS: return ABLATIONS[name]
+    if name in ABLATIONS:
+        edit = ABLATIONS[name]
+        return edit(recipe if recipe is not None else Recipe()) if callable(edit) else edit
     if name.startswith("experts_k") and name[9:].isdigit() and 1 <= int(name[9:]) <= n_experts:
         return {"experts": {"amalgamate": int(name[9:])}}
     known = ["ka2er", "baseline", *ABLATIONS, *(f"experts_k{k}" for k in range(1, n_experts + 1))]
@@ -178,7 +183,7 @@ def variant_edit(name: str, n_experts: int) -> dict:
 # %% ../nbs/17_experiments.ipynb
 def variant_recipe(recipe: Recipe, name: str, n_experts: int) -> Recipe:
     "The recipe of variant `name` (see `variant_edit`) among `n_experts` experts."
-    v = recipe.patch(variant_edit(name, n_experts))
+    v = recipe.patch(variant_edit(name, n_experts, recipe))
     if v.experts.amalgamate is not None and v.experts.amalgamate > n_experts:
         raise AmalgamError(f"recipe.experts.amalgamate: {v.experts.amalgamate} experts asked for, "
                            f"but there are {n_experts}")
