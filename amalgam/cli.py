@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=None)
     p.add_argument("--reports", default=None)
     p.add_argument("--profile", choices=list(DEMO_PROFILES), default="smoke",
-                   help="smoke: the half-hour run (default); proof: the two-hour run that tests the claim")
+                   help="smoke: the half-hour run (default); proof: the run that tests the claim (2.5 hours)")
     p.add_argument("--steps", nargs="*", choices=DEMO_STEPS)
     p.set_defaults(fn=_demo)
     p = sub.add_parser("export", help="pack a finished run, its experts and a model card into one checked zip")
