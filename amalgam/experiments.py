@@ -148,6 +148,11 @@ class Recipe(DictConfig):
 
 
 # %% ../nbs/17_experiments.ipynb
+def _without_stride_1(recipe: Recipe) -> dict:
+    """The recipe's amalgamation strides without stride 1, where most of a step's time goes when the recipe has it (a
+    recipe without stride 1, or with it alone, is its own `no_full_resolution`)."""
+    return {"model": {"scales": tuple(s for s in recipe.model.scales if s != 1) or recipe.model.scales}}
+
 ABLATIONS = {
     "no_self_attention": {"model": {"use_self_attention": False}},
     "no_cross_attention": {"model": {"use_cross_attention": False}},
@@ -159,9 +164,7 @@ ABLATIONS = {
     "no_routing_loss": {"loss": {"routing_weight": 0.0}},
     "no_kd_confidence": {"loss": {"kd_confidence": 0.0}},
     "coarse_scales": {"model": {"scales": (8, 16, 32)}},
-    # the recipe's strides without stride 1, where most of a step's time goes when the recipe has it; an edit that
-    # depends on the recipe is a function of it (a recipe without stride 1 is its own no_full_resolution)
-    "no_full_resolution": lambda r: {"model": {"scales": tuple(s for s in r.model.scales if s != 1) or r.model.scales}},
+    "no_full_resolution": _without_stride_1,  # an edit that depends on the recipe is a function of it
     "encoder_taps": {"model": {"expert_taps": "encoder"}},
     "no_expert_residual": {"model": {"expert_residual": False}},
     "no_competition": {"loss": {"compete_weight": 0.0}},
