@@ -29,7 +29,8 @@ def test_real_scans_pipeline_check(tmp_path):
     out = tmp_path / "report"
     params = {"manifests": manifests, "workspace": str(tmp_path / "ws"), "sdist_cache": str(SDIST_CACHE),
               "expert_folders": folders, "recipe": {**TINY, "pretrain_steps": 0}, "modes": ["box"]}
-    # box mode only: automatic mode runs every slice once per organ (ten organs, 162 slices), minutes even at this size
+    # box mode only: scoring automatic mode decodes all 162 slices once per organ (ten organs); at this size it had
+    # not finished after 12 min
     run_notebook(NBS / "real_scans.ipynb", out, params)
     res = json.loads((out / "metrics.json").read_text())
     assert res["split"] == "train" and res["label_quality"] == {t: "silver" for t in TASKS}
