@@ -5,6 +5,8 @@
 # %% ../nbs/12b_evaluation.ipynb 2
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -13,7 +15,7 @@ from .data import box_from_mask, center_click, corrective_click
 from .segmenter import Segmenter
 
 # %% auto 0
-__all__ = ['EVAL_MODES', 'prompted_segmentation']
+__all__ = ['EVAL_MODES', 'AUTO_MODES', 'prompted_segmentation', 'automatic_segmentations']
 
 # %% ../nbs/12b_evaluation.ipynb
 EVAL_MODES = ("auto", "box", "click1", "click3", "auto_alone")
@@ -74,3 +76,26 @@ def prompted_segmentation(segmenter: Segmenter, image, gt_mask, mode: str, class
         res = segmenter.segment_slices(image, points=as_arrays(), return_probability=True,
                                        mask_input=_logit(res.probability))
     return res.mask
+
+# %% ../nbs/12b_evaluation.ipynb
+AUTO_MODES = ("auto", "auto_alone")
+
+def automatic_segmentations(segmenter: Segmenter, image, task: str, classes: Sequence[str],
+                            modes: Sequence[str] = AUTO_MODES) -> dict[str, dict[str, np.ndarray]]:
+    """{class: {mode: uint8 mask}} of `segmenter` on `image` in the automatic `modes` (of `AUTO_MODES`) for the
+    `classes` of `task`: one `segment_task` pass where the task's classes compete (`Segmenter.exclusive`), else one
+    `segment` per class; the same masks as `prompted_segmentation` gives class by class."""
+    bad = [m for m in modes if m not in AUTO_MODES]
+    if bad:
+        raise AmalgamError(f"modes {bad}: automatic_segmentations takes {AUTO_MODES} only")
+    for c in classes: segmenter.check_task(f"{task}:{c}")
+    if not getattr(segmenter, "exclusive", False) or not modes:  # automatic modes read no ground truth
+        return {c: {m: prompted_segmentation(segmenter, image, np.zeros(np.shape(image)[1:], bool), m, f"{task}:{c}")
+                    for m in modes} for c in classes}
+    ts = segmenter.segment_task(image, task)
+    out = {}
+    for c in classes:
+        i = ts.classes.index(c)
+        masks = {"auto": ts.labels == ts.values[i], "auto_alone": ts.probabilities[i] > 0.5}
+        out[c] = {m: masks[m].astype(np.uint8) for m in modes}
+    return out

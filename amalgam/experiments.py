@@ -21,7 +21,7 @@ from .config import (SPATIAL_DIMS, AmalgamError, DictConfig, Rule, above, check_
 from .baselines import xyxy_from_rowcol
 from .data import DataConfig, MultiTaskDataset, task_classes
 from .experts import SMOKE_TRAINER, Expert, ExpertBank, NnUNetPaths, train_expert
-from .evaluation import EVAL_MODES, prompted_segmentation
+from .evaluation import AUTO_MODES, EVAL_MODES, automatic_segmentations, prompted_segmentation
 from .losses import LossConfig
 from .manifests import Manifest, load_manifest
 from .metrics import case_metrics, stratified_bootstrap_ci
@@ -316,13 +316,16 @@ def evaluate_model(method: str, segmenter, dataset: MultiTaskDataset, labels: Ma
                    tasks: Sequence[str] | None = None) -> list[dict]:
     """Records of a trained KA²ER or baseline (an `amalgam.segmenter.Segmenter`) in each prompt mode on every class of
     every test case."""
-    out = []
+    out, auto = [], [m for m in modes if m in AUTO_MODES]
     for case in _cases(dataset, tasks):
         t, label = case["task"], case["label"][0].numpy()
+        # automatic modes: one pass for all the task's classes where they compete (`automatic_segmentations`)
+        found = automatic_segmentations(segmenter, case["image"], t, list(labels[t]), auto) if auto else {}
         for cls, value in labels[t].items():
             gt = label == value
             for mode in modes:
-                pred = prompted_segmentation(segmenter, case["image"], gt, mode, f"{t}:{cls}")
+                pred = (found[cls][mode] if mode in auto
+                        else prompted_segmentation(segmenter, case["image"], gt, mode, f"{t}:{cls}"))
                 out.append(_record(method, mode, t, cls, case, pred, gt, nsd_tolerance_mm))
     return out
 
