@@ -24,8 +24,8 @@ from .config import (AmalgamError, atomic_dir, atomic_write, did_you_mean, merge
 
 # %% auto 0
 __all__ = ['REPORT_WRITER', 'THIRD_PARTY_MODULES', 'VERDICT_OPPONENTS', 'CLAIM_SAID', 'HEADLINES', 'setup_plotly',
-           'check_offline', 'load_params', 'notebook_parameters', 'check_parameters', 'resolve_manifests',
-           'report_provenance', 'check_out_dir', 'run_notebook', 'render_html', 'render_index']
+           'check_offline', 'load_params', 'notebook_parameters', 'notebook_defaults', 'check_parameters',
+           'resolve_manifests', 'report_provenance', 'check_out_dir', 'run_notebook', 'render_html', 'render_index']
 
 # %% ../nbs/15_reports.ipynb
 def setup_plotly() -> None:
@@ -73,6 +73,19 @@ def notebook_parameters(notebook: str | os.PathLike) -> list[str]:
     import papermill as pm
     try: return list(pm.inspect_notebook(str(notebook)))
     except ValueError as e: raise AmalgamError(f"{notebook}: papermill cannot read its parameters ({e})") from None
+
+def notebook_defaults(notebook: str | os.PathLike) -> dict:
+    """The default values of `notebook`'s parameters that are Python literals (`ast.literal_eval` of what papermill
+    reads); a default computed by an expression is left out."""
+    import ast
+    import papermill as pm
+    try: declared = pm.inspect_notebook(str(notebook))
+    except ValueError as e: raise AmalgamError(f"{notebook}: papermill cannot read its parameters ({e})") from None
+    out = {}
+    for name, p in declared.items():
+        try: out[name] = ast.literal_eval(p["default"])
+        except (ValueError, SyntaxError, TypeError): pass
+    return out
 
 def check_parameters(notebook: str | os.PathLike, names: Iterable[str]) -> None:
     "Raise unless every one of `names` is declared in `notebook`'s `parameters` cell (with a did-you-mean hint)."
@@ -188,7 +201,9 @@ def run_notebook(notebook: str | os.PathLike, out_dir: str | os.PathLike, parame
         raise AmalgamError(f"{notebook}: notebook not found")
     params = load_params(params_file, parameters)
     check_parameters(notebook, [*params, "out_dir"])
-    manifests = resolve_manifests(params.get("manifests"))
+    # the manifests the run reads: passed, or else the notebook's own default, so their hashes are always recorded
+    manifests = resolve_manifests(params["manifests"] if "manifests" in params
+                                  else notebook_defaults(notebook).get("manifests"))
     out_dir = check_out_dir(out_dir, overwrite, notebook)
     failed = check_out_dir(out_dir.with_name(out_dir.name + ".failed"), overwrite, notebook)
     root = repo_root() or notebook.parent
