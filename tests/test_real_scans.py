@@ -28,16 +28,17 @@ def test_real_scans_pipeline_check(tmp_path):
         folders[m.task] = str(save_model_folder(e, tmp_path / "experts" / m.task, fold=0))
     out = tmp_path / "report"
     params = {"manifests": manifests, "workspace": str(tmp_path / "ws"), "sdist_cache": str(SDIST_CACHE),
-              "expert_folders": folders, "recipe": {**TINY, "pretrain_steps": 0}, "modes": ["box"]}
-    # box mode only: scoring automatic mode decodes all 162 slices once per organ (ten organs); at this size it had
-    # not finished after 12 min
+              "expert_folders": folders, "recipe": {**TINY, "pretrain_steps": 0}, "modes": ["auto", "box"]}
+    # automatic mode answers all ten organs of a volume from one pass (amalgam.evaluation.automatic_segmentations);
+    # scored one organ at a time, it had not finished after 12 min at this size
     run_notebook(NBS / "real_scans.ipynb", out, params)
     res = json.loads((out / "metrics.json").read_text())
     assert res["split"] == "train" and res["label_quality"] == {t: "silver" for t in TASKS}
     assert "silver-standard" in res["caveat"] and "train cases" in res["caveat"]
-    # three training volumes (two CT, one MR), ten organs each, scored by KA²ER and by its own expert
+    # three training volumes (two CT, one MR), ten organs each, scored by KA²ER in both modes and by its own expert
     ka2er = [r for r in res["records"] if r["method"] == "ka2er"]
-    assert len(ka2er) == 3 * 10 and {r["task"] for r in ka2er} == set(TASKS)
+    assert len(ka2er) == 3 * 10 * 2 and {r["task"] for r in ka2er} == set(TASKS)
+    assert sorted({r["mode"] for r in ka2er}) == ["auto", "box"]
     assert sum(r["method"] == "expert" for r in res["records"]) == 3 * 10
     # the organ names are shared, so each expert is scored on the other modality too
     assert {r["method"] for r in res["records"]} == {"ka2er", "expert", "expert totalseg_ct_abdomen",
