@@ -24,8 +24,9 @@ from .grow import add_expert
 from .student import distill
 
 # %% auto 0
-__all__ = ['DEMO_STEPS', 'DEMO_NOTEBOOKS', 'PROOF_ABLATIONS', 'DEMO_PROFILES', 'parse_param', 'DemoProfile', 'demo_manifests',
-           'demo_plan', 'check_demo_plan', 'run_demo', 'build_parser', 'main']
+__all__ = ['DEMO_STEPS', 'DEMO_NOTEBOOKS', 'OPT_IN_STEPS', 'DEFAULT_DEMO_STEPS', 'DEMO_MANIFESTS', 'PROOF_ABLATIONS',
+           'DEMO_PROFILES', 'parse_param', 'DemoProfile', 'demo_manifests', 'demo_plan', 'check_demo_plan', 'run_demo',
+           'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb
 def parse_param(text: str) -> tuple[str, object]:
@@ -37,9 +38,15 @@ def parse_param(text: str) -> tuple[str, object]:
     except yaml.YAMLError as e: raise AmalgamError(f"-p {text!r}: value is not valid YAML ({e})") from None
 
 # %% ../nbs/20_cli.ipynb
-DEMO_STEPS = ("data", "experts", "train", "evaluate", "ablations")
+DEMO_STEPS = ("data", "experts", "train", "evaluate", "ablations", "real_scans")  # every step, in the order they run
 DEMO_NOTEBOOKS = {"data": "data_report.ipynb", "experts": "train_experts.ipynb", "train": "train_amalgam.ipynb",
-                  "evaluate": "evaluate.ipynb", "ablations": "ablations.ipynb"}
+                  "evaluate": "evaluate.ipynb", "ablations": "ablations.ipynb", "real_scans": "real_scans.ipynb"}
+# steps that run only when named (`--steps`): the real-scans check trains two more experts and a KA²ER of its own, on
+# tasks outside the benchmark, and scores training cases against silver-standard labels (a pipeline check)
+OPT_IN_STEPS = ("real_scans",)
+DEFAULT_DEMO_STEPS = tuple(s for s in DEMO_STEPS if s not in OPT_IN_STEPS)
+# the manifests a step reads (a glob in data_manifests/): the benchmark's phantoms, unless named here
+DEMO_MANIFESTS = {"real_scans": "totalseg_*.yaml"}
 
 @dataclass(frozen=True)
 class DemoProfile:
@@ -55,7 +62,8 @@ class DemoProfile:
 # several hours).
 PROOF_ABLATIONS = ("encoder_taps", "no_expert_residual", "no_distillation")
 
-_KA2ER_STEPS = ("train", "evaluate", "ablations")  # one recipe: the ablations' reference run is the training step's
+# one recipe: the ablations' reference run is the training step's, and the real-scans check trains the same model
+_KA2ER_STEPS = ("train", "evaluate", "ablations", "real_scans")
 DEMO_PROFILES = {
     "smoke": DemoProfile({s: "ka2er_smoke.yaml" for s in _KA2ER_STEPS}),
     "proof": DemoProfile({"experts": "train_experts_proof.yaml", **{s: "ka2er_proof.yaml" for s in _KA2ER_STEPS}},
@@ -63,11 +71,14 @@ DEMO_PROFILES = {
                          parameters={"ablations": {"variants": list(PROOF_ABLATIONS), "expert_counts": []}}),
 }
 
-def demo_manifests() -> list[Path]:
-    "The embedded benchmark's manifests shipped in `data_manifests/`."
-    found = sorted(manifests_dir().glob("phantom_*.yaml"))
+def demo_manifests(step: str | None = None) -> list[Path]:
+    """The manifests shipped in `data_manifests/` that the demo's `step` reads (`DEMO_MANIFESTS`): the embedded
+    benchmark's by default."""
+    pattern = DEMO_MANIFESTS.get(step, "phantom_*.yaml")
+    found = sorted(manifests_dir().glob(pattern))
     if not found:
-        raise AmalgamError(f"{manifests_dir()}: no phantom_*.yaml manifests (regenerate them with `amalgam phantoms`)")
+        hint = " (regenerate them with `amalgam phantoms`)" if pattern.startswith("phantom") else ""
+        raise AmalgamError(f"{manifests_dir()}: no {pattern} manifests{hint}")
     return found
 
 def _reports_root(reports_dir: str | Path | None) -> Path:
@@ -75,11 +86,13 @@ def _reports_root(reports_dir: str | Path | None) -> Path:
     return Path(reports_dir) if reports_dir is not None else (repo_root() or Path.cwd()) / "reports"
 
 # %% ../nbs/20_cli.ipynb
-def demo_plan(profile: str = "smoke", steps: Sequence[str] = DEMO_STEPS, workspace_dir: str | Path | None = None,
+def demo_plan(profile: str = "smoke", steps: Sequence[str] | None = None, workspace_dir: str | Path | None = None,
               reports_dir: str | Path | None = None, params: Mapping | None = None) -> list[dict]:
-    """The demo's `steps` of `profile`, in order: per step its `notebook`, `out_dir`, `parameters`, `params_file`
-    (`run_notebook`'s arguments) and the profile's `workspace`. A step's parameters: the shipped manifests and the
-    workspace, then the profile's for that step, then those of `params` its notebook declares."""
+    """The demo's `steps` of `profile` (default: `DEFAULT_DEMO_STEPS`), in order: per step its `notebook`, `out_dir`,
+    `parameters`, `params_file` (`run_notebook`'s arguments) and the profile's `workspace`. A step's parameters: the
+    shipped manifests it reads (`demo_manifests`), the workspace and the download cache, then the profile's for that
+    step, then those of `params` its notebook declares."""
+    steps = DEFAULT_DEMO_STEPS if steps is None else steps
     unknown = [f"step {s!r}" for s in steps if s not in DEMO_STEPS]
     if profile not in DEMO_PROFILES: unknown.append(f"profile {profile!r}")
     if unknown:
@@ -88,12 +101,14 @@ def demo_plan(profile: str = "smoke", steps: Sequence[str] = DEMO_STEPS, workspa
     prof, root = DEMO_PROFILES[profile], repo_root() or Path.cwd()
     ws, reports = workspace(workspace_dir) / prof.workspace, _reports_root(reports_dir) / prof.reports
     params_dir = root / "nbs" / "experiments" / "params"
-    given = {"manifests": [str(m) for m in demo_manifests()], "workspace": str(ws)}
+    # one pip download cache for every profile (the real-scans check's TotalSegmentator sdist)
+    given = {"workspace": str(ws), "sdist_cache": str(workspace(workspace_dir) / "sources" / "pip_sdist")}
     plan = []
     for step in (s for s in DEMO_STEPS if s in steps):
         notebook = root / "nbs" / "experiments" / DEMO_NOTEBOOKS[step]
         declared = notebook_parameters(notebook)
-        step_params = {**given, **prof.parameters.get(step, {}), **(params or {})}  # the caller's win
+        step_params = {"manifests": [str(m) for m in demo_manifests(step)], **given, **prof.parameters.get(step, {}),
+                       **(params or {})}  # the caller's win
         plan.append({"step": step, "notebook": notebook, "out_dir": reports / step, "workspace": ws,
                      "parameters": {k: v for k, v in step_params.items() if k in declared},
                      "params_file": params_dir / prof.params[step] if step in prof.params else None})
@@ -111,7 +126,7 @@ def check_demo_plan(plan: Sequence[dict]) -> None:
 
 # %% ../nbs/20_cli.ipynb
 def run_demo(workspace_dir: str | Path | None = None, reports_dir: str | Path | None = None,
-             steps: Sequence[str] = DEMO_STEPS, params: Mapping | None = None, progress: bool = False,
+             steps: Sequence[str] | None = None, params: Mapping | None = None, progress: bool = False,
              profile: str = "smoke") -> dict:
     """Run the demo's `steps` of `profile` in order (`demo_plan`, checked first), then write the reports folder's
     `index.html` (covering every profile); `progress` shows per-cell progress. Returns {step: seconds}."""
@@ -183,7 +198,7 @@ def _add_expert(args) -> int:
     return 0
 
 def _demo(args) -> int:
-    run_demo(args.workspace, args.reports, steps=args.steps or DEMO_STEPS, progress=True, profile=args.profile)
+    run_demo(args.workspace, args.reports, steps=args.steps or None, progress=True, profile=args.profile)
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", default=None)
     p.add_argument("--profile", choices=list(DEMO_PROFILES), default="smoke",
                    help="smoke: the half-hour run (default); proof: the run that tests the claim (2.5 hours)")
-    p.add_argument("--steps", nargs="*", choices=DEMO_STEPS)
+    p.add_argument("--steps", nargs="*", choices=DEMO_STEPS,
+                   help=f"default: {' '.join(DEFAULT_DEMO_STEPS)}; {' '.join(OPT_IN_STEPS)} runs only when named")
     p.set_defaults(fn=_demo)
     p = sub.add_parser("export", help="pack a finished run, its experts and a model card into one checked zip")
     p.add_argument("run", help="training run folder (config.json + model.pt)")

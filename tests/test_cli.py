@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import amalgam.cli as cli
-from amalgam.cli import DEMO_PROFILES, DEMO_STEPS, check_demo_plan, demo_plan, main, run_demo
+from amalgam.cli import DEFAULT_DEMO_STEPS, DEMO_PROFILES, DEMO_STEPS, check_demo_plan, demo_plan, main, run_demo
 from amalgam.config import repo_root, write_json
 from amalgam.manifests import load_manifest
 from amalgam.reports import REPORT_WRITER, check_offline, notebook_parameters
@@ -94,13 +94,21 @@ def test_demo_profiles_render_into_their_own_folders(tmp_path, fake_demo, capsys
     for rel in ("proof/data", "proof/experts", "proof/train", "data", "evaluate"):
         assert f"<a href='{rel}/report.html'>" in index, rel
     assert not (reports / "proof" / "index.html").exists()
+    # the real-scans check runs only when named, on the TotalSegmentator manifests with the profile's recipe
+    assert main(["demo", "--profile", "proof", "--steps", "real_scans", "--workspace", str(ws),
+                 "--reports", str(reports)]) == 0
+    real = fake_demo["run"][-1]
+    assert (real["out_dir"], real["params_file"]) == (reports / "proof" / "real_scans", "ka2er_proof.yaml")
+    assert [Path(m).name for m in real["parameters"]["manifests"]] == ["totalseg_ct_abdomen.yaml",
+                                                                       "totalseg_mr_abdomen.yaml"]
+    assert real["parameters"]["sdist_cache"] == str(ws / "sources" / "pip_sdist")
 
 
 def test_demo_passes_each_notebook_only_what_it_declares(tmp_path):
     for profile in DEMO_PROFILES:
         plan = demo_plan(profile, workspace_dir=tmp_path / "ws", reports_dir=tmp_path / "reports",
                          params={"device": "cpu", "max_cases": 2})
-        assert [s["step"] for s in plan] == list(DEMO_STEPS)
+        assert [s["step"] for s in plan] == list(DEFAULT_DEMO_STEPS)
         for s in plan:
             assert set(s["parameters"]) <= set(notebook_parameters(s["notebook"])), (profile, s["step"])
             assert ("max_cases" in s["parameters"]) == (s["step"] == "data")
@@ -110,8 +118,9 @@ def test_demo_passes_each_notebook_only_what_it_declares(tmp_path):
 
 @pytest.mark.parametrize("profile", list(DEMO_PROFILES))
 def test_demo_profiles_declare_every_parameter(profile, tmp_path):
-    "Every params file of every profile exists and holds only parameters its notebook declares (as the demo checks)."
-    check_demo_plan(demo_plan(profile, workspace_dir=tmp_path / "ws", reports_dir=tmp_path / "reports"))
+    """Every params file of every profile exists and holds only parameters its notebook declares (as the demo checks),
+    for every step, those run only when named included."""
+    check_demo_plan(demo_plan(profile, DEMO_STEPS, workspace_dir=tmp_path / "ws", reports_dir=tmp_path / "reports"))
 
 
 def test_demo_refuses_a_report_folder_that_is_not_a_report(tmp_path, capsys):
