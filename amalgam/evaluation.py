@@ -89,9 +89,10 @@ def automatic_segmentations(segmenter: Segmenter, image, task: str, classes: Seq
     if bad:
         raise AmalgamError(f"modes {bad}: automatic_segmentations takes {AUTO_MODES} only")
     for c in classes: segmenter.check_task(f"{task}:{c}")
-    if not getattr(segmenter, "exclusive", False) or not modes:  # automatic modes read no ground truth
-        return {c: {m: prompted_segmentation(segmenter, image, np.zeros(np.shape(image)[1:], bool), m, f"{task}:{c}")
-                    for m in modes} for c in classes}
+    if not getattr(segmenter, "exclusive", False) or not modes:
+        blank = np.zeros(np.shape(image)[1:], bool)  # automatic modes read no ground truth
+        return {c: {m: prompted_segmentation(segmenter, image, blank, m, f"{task}:{c}") for m in modes}
+                for c in classes}
     ts = segmenter.segment_task(image, task)
     out = {}
     for c in classes:

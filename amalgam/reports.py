@@ -68,21 +68,22 @@ def load_params(params_file: str | os.PathLike | None = None, overrides: Mapping
     return params
 
 # %% ../nbs/15_reports.ipynb
+def _inspect(notebook: str | os.PathLike) -> dict:
+    "papermill's reading of `notebook`'s cell tagged `parameters`: name -> {default, ...}, in order."
+    import papermill as pm
+    try: return pm.inspect_notebook(str(notebook))
+    except ValueError as e: raise AmalgamError(f"{notebook}: papermill cannot read its parameters ({e})") from None
+
 def notebook_parameters(notebook: str | os.PathLike) -> list[str]:
     "The names `notebook` declares in its cell tagged `parameters`, in order, as papermill parses them."
-    import papermill as pm
-    try: return list(pm.inspect_notebook(str(notebook)))
-    except ValueError as e: raise AmalgamError(f"{notebook}: papermill cannot read its parameters ({e})") from None
+    return list(_inspect(notebook))
 
 def notebook_defaults(notebook: str | os.PathLike) -> dict:
     """The default values of `notebook`'s parameters that are Python literals (`ast.literal_eval` of what papermill
     reads); a default computed by an expression is left out."""
     import ast
-    import papermill as pm
-    try: declared = pm.inspect_notebook(str(notebook))
-    except ValueError as e: raise AmalgamError(f"{notebook}: papermill cannot read its parameters ({e})") from None
     out = {}
-    for name, p in declared.items():
+    for name, p in _inspect(notebook).items():
         try: out[name] = ast.literal_eval(p["default"])
         except (ValueError, SyntaxError, TypeError): pass
     return out
